@@ -1,0 +1,148 @@
+"""The adaptations to indipydriver 3.1.2 and indipyserver 0.0.6: each test
+fails when its adaptation is taken out of thermostat.py."""
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+from indipydriver import IPyDriver
+from indipyserver import IPyServer
+
+import thermostat
+from conftest import ServerProcess, cpu_seconds, free_port, new_switch, tagged
+
+
+def test_server_stays_idle_after_clients_disconnect():
+    """indipyserver 0.0.6 spins at 100% CPU after a client closes its connection
+    cleanly; ThermoServer must not. A clean close needs a client that has read
+    everything (unread data makes the kernel reset the connection instead)."""
+    server = ServerProcess()             # default 10 s poll: an idle server
+    try:
+        for _ in range(10):
+            client = server.client()
+            client.send('<getProperties version="1.7" device="Thermostat" name="targetvector"/>')
+            client.expect(tagged("defNumberVector", name="targetvector"))
+            client.close()
+        time.sleep(0.2)
+        before = cpu_seconds(server.process.pid)
+        time.sleep(5)
+        used = cpu_seconds(server.process.pid) - before
+        assert used < 0.25, f"server used {used:.2f} s of CPU in 5 s while idle"
+    finally:
+        assert server.stop() == 0
+
+
+def test_clients_that_reset_their_connection_leave_no_traceback():
+    "indipyserver 0.0.6 prints an unhandled ConnectionResetError for every client that resets."
+    server = ServerProcess()
+    try:
+        for _ in range(3):
+            subprocess.run(["indi_getprop", "-p", str(server.port), "-t", "1", "Thermostat.targetvector.target"],
+                           capture_output=True, timeout=10, check=True)
+            client = server.client()
+            client.send('<getProperties version="1.7"/>')
+            client.expect(tagged("defNumberVector"))
+            client.close()                # with definitions unread: a reset
+        time.sleep(0.3)
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.stderr and "Unhandled" not in server.stderr
+
+
+class Recorder:
+    "Stands in for the server: records what a driver sends."
+
+    def __init__(self, driver):
+        self.sent = []
+        driver.send = self.send
+
+    async def send(self, xmldata):
+        self.sent.append(xmldata)
+
+
+def test_every_blob_carries_its_own_size():
+    driver = thermostat.make_driver()
+    recorder = Recorder(driver)
+    contents = [b"timestamp,temperature\n" + b"x" * n for n in (100, 10, 1000)]
+
+    async def send_all():
+        for content in contents:
+            await thermostat.send_blob(driver.device["logsvector"], "templogs", content)
+    asyncio.run(send_all())
+    sizes = [int(xml.find("oneBLOB").get("size")) for xml in recorder.sent]
+    assert sizes == [len(c) for c in contents]
+
+
+def test_a_message_is_sent_once_not_with_every_later_update():
+    driver = thermostat.make_driver()
+    recorder = Recorder(driver)
+    vector = driver.device["targetvector"]
+
+    async def exchange():
+        await driver.reject(vector, "target must be a number from -50 to 99; received 'x'")
+        await driver.publish(vector, state="Ok")
+        await vector.send_defVector()
+    asyncio.run(exchange())
+    assert [xml.get("message") for xml in recorder.sent] == [
+        "target must be a number from -50 to 99; received 'x'", None, None]
+
+
+def test_a_request_of_the_wrong_type_is_answered_not_fatal():
+    driver = thermostat.make_driver()
+    recorder = Recorder(driver)
+    import xml.etree.ElementTree as ET
+    request = ET.fromstring(new_switch("Thermostat", "targetvector", "target", "On"))
+    asyncio.run(driver._readdata(request))
+    (reply,) = recorder.sent
+    assert reply.get("state") == "Alert" and "does not apply" in reply.get("message")
+
+
+def test_an_exception_in_a_handler_is_answered_and_the_server_keeps_serving(in_process, monkeypatch):
+    def broken(self, now):
+        raise RuntimeError("sensor unplugged")
+    monkeypatch.setattr(thermostat.ThermalControl, "start_logging", broken)
+    driver = thermostat.make_driver(poll_interval=0.05)
+    running = in_process(thermostat.make_server(driver, port=free_port()))
+    client = running.client()
+    client.send('<getProperties version="1.7"/>')
+    client.send(new_switch("Thermostat", "switchvector", "switchmember", "On"))
+    reply = client.expect(tagged("setSwitchVector", name="switchvector"))
+    assert reply.get("state") == "Alert" and "internal error" in reply.get("message")
+    client.gather(tagged("setNumberVector", name="temperaturevector"), 3)
+    assert running.thread.is_alive()
+    client.close()
+
+
+class FailingDriver(IPyDriver):
+    async def hardware(self):
+        await asyncio.sleep(0.1)
+        raise RuntimeError("another driver's bug")
+
+
+def test_an_exception_in_any_driver_is_a_recorded_failure_not_a_silent_exit():
+    server = thermostat.make_server(thermostat.make_driver(), FailingDriver(), port=free_port())
+    asyncio.run(asyncio.wait_for(server.asyncrun(), 10))
+    assert "another driver's bug" in server.failure
+
+
+def test_a_port_in_use_is_a_recorded_failure():
+    port = free_port()
+    first = thermostat.make_server(thermostat.make_driver("One"), port=port)
+    second = thermostat.make_server(thermostat.make_driver("Two"), port=port)
+
+    async def both():
+        running = asyncio.create_task(first.asyncrun())
+        await asyncio.sleep(0.3)
+        await asyncio.wait_for(second.asyncrun(), 10)
+        first.shutdown()
+        await asyncio.wait_for(running, 5)
+    asyncio.run(both())
+    assert first.failure is None
+    assert second.failure.startswith(f"cannot listen on localhost:{port}")
+
+
+def test_start_up_fails_loudly_when_an_internal_is_missing(monkeypatch):
+    monkeypatch.delattr(IPyServer, "_broadcast")
+    with pytest.raises(RuntimeError, match="IPyServer._broadcast"):
+        thermostat.make_server(port=free_port())

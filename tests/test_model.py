@@ -1,0 +1,158 @@
+"""ThermalControl on its own: time is passed in, nothing sleeps."""
+
+import logging
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from thermostat import HYSTERESIS, LogFile, ThermalControl, indi_timestamp, parse_number
+
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def polls(control, count, every=10.0, start=START):
+    "Step control count times, every seconds apart; return the readings."
+    return [control.step(start + timedelta(seconds=every * i)) for i in range(count)]
+
+
+def rows_of(files):
+    return [row for logfile in files for row in logfile.content().decode().splitlines()[1:]]
+
+
+def test_starts_at_20_with_target_15_and_heater_off():
+    control = ThermalControl()
+    assert (control.temperature, control.target, control.heater_on) == (20.0, 15.0, False)
+
+
+def test_cools_by_0_2_per_poll_while_heater_off():
+    readings = polls(ThermalControl(), 5)
+    assert [r.temperature for r in readings] == [19.8, 19.6, 19.4, 19.2, 19.0]
+    assert not any(r.heater_on for r in readings)
+
+
+def test_heater_switches_on_below_band_and_off_above_it():
+    control = ThermalControl(temperature=15.0, target=15.0)
+    temperatures, heater = [], []
+    for reading in polls(control, 40):
+        temperatures.append(reading.temperature)
+        heater.append(reading.heater_on)
+    # on exactly when the temperature first falls below 14.5, off when it first rises above 15.5
+    first_on = heater.index(True)
+    assert temperatures[first_on] == pytest.approx(14.4)
+    assert temperatures[first_on - 1] == pytest.approx(14.6)
+    first_off = heater.index(False, first_on)
+    assert temperatures[first_off] == pytest.approx(15.6)
+    # and regulation holds it within one step of the band ever after
+    settled = temperatures[first_on:]
+    assert min(settled) >= 15.0 - HYSTERESIS - 0.2 - 1e-9
+    assert max(settled) <= 15.0 + HYSTERESIS + 0.2 + 1e-9
+
+
+def test_in_band_follows_target():
+    control = ThermalControl(temperature=20.0, target=15.0)
+    assert not control.in_band
+    control.target = 20.4
+    assert control.in_band
+
+
+@pytest.mark.parametrize("text, value", [("21", 21.0), ("21.5", 21.5), ("21:30", 21.5),
+                                         ("21 30", 21.5), ("-50", -50.0), ("99", 99.0), (" 7 ", 7.0)])
+def test_parse_number_accepts_every_indi_format(text, value):
+    assert parse_number(text, "target", -50, 99) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["warm", "nan", "inf", "-inf", "99.01", "-50.5", "1:2:3:4", "1e400"])
+def test_parse_number_rejects_with_range_and_value(text):
+    with pytest.raises(ValueError) as error:
+        parse_number(text, "target", -50, 99)
+    assert "from -50 to 99" in str(error.value) and repr(text) in str(error.value)
+
+
+def test_no_log_rows_while_logging_is_off():
+    control = ThermalControl(log_period=30)
+    polls(control, 10)
+    control.stop_logging()
+    assert control.take_finished() == []
+
+
+def test_files_are_cut_every_log_period():
+    control = ThermalControl(log_period=60)
+    control.start_logging(START)
+    readings = polls(control, 20, every=10)            # 0..190 s
+    files = control.take_finished()
+    # cut when a reading reaches 60, 120 and 180 s: three files of six readings
+    assert [len(f.rows) for f in files] == [6, 6, 6]
+    assert files[1].rows[0].startswith(indi_timestamp(readings[6].timestamp))
+    control.stop_logging()
+    assert [len(f.rows) for f in control.take_finished()] == [2]
+
+
+def test_csv_format_matches_indi_timestamp():
+    control = ThermalControl(log_period=60)
+    control.start_logging(START)
+    moment = START + timedelta(seconds=1, microseconds=250000)
+    reading = control.step(moment)
+    control.stop_logging()
+    (logfile,) = control.take_finished()
+    assert logfile.content() == f"timestamp,temperature\n{indi_timestamp(moment)},{reading.temperature:.2f}\n".encode()
+    assert indi_timestamp(moment) == "2026-01-01T00:00:01.250000"
+    assert logfile.name == "Thermostat-2026-01-01T00:00:01.250000.csv"
+
+
+def test_empty_partial_file_is_not_sent():
+    control = ThermalControl()
+    control.start_logging(START)
+    control.stop_logging()
+    assert control.take_finished() == []
+
+
+def test_every_reading_logged_once_in_order_across_on_off_and_irregular_polls():
+    "The lossless property: whatever the timing, each reading while On is in exactly one file."
+    rng = random.Random(7)
+    control = ThermalControl(log_period=25)
+    now, logged, files = START, [], []
+    for _ in range(2000):
+        now += timedelta(seconds=rng.choice([1, 5, 10, 10, 10, 40]))
+        if rng.random() < 0.02:
+            if control.logging:
+                control.stop_logging()
+            else:
+                control.start_logging(now)
+        logging_now = control.logging
+        reading = control.step(now)
+        if logging_now:
+            logged.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
+        if rng.random() < 0.3:                   # the sender takes files at irregular times
+            files += control.take_finished()
+    control.stop_logging()
+    files += control.take_finished()
+    assert len(logged) > 500
+    assert rows_of(files) == logged
+
+
+def test_backlog_is_bounded_and_dropping_is_logged(caplog):
+    control = ThermalControl(log_period=10, max_backlog=3)
+    control.start_logging(START)
+    with caplog.at_level(logging.WARNING, logger="thermostat"):
+        polls(control, 7, every=10)              # six files finished, none taken
+    assert len(control.backlog) == 3
+    assert caplog.text.count("log backlog full") == 3
+    # the newest files are kept
+    assert control.take_finished()[-1].rows[0].startswith(indi_timestamp(START + timedelta(seconds=50)))
+
+
+def test_log_dir_keeps_every_finished_file_even_when_dropped_from_backlog(tmp_path):
+    control = ThermalControl("Greenhouse", log_period=10, log_dir=tmp_path / "logs", max_backlog=1)
+    control.start_logging(START)
+    polls(control, 5, every=10)
+    control.stop_logging()
+    names = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert names == [f"Greenhouse-{indi_timestamp(START + timedelta(seconds=s))}.csv" for s in (0, 10, 20, 30, 40)]
+    assert all((tmp_path / "logs" / n).read_bytes().startswith(LogFile.HEADER.encode()) for n in names)
+    assert len(control.backlog) == 1
+
+
+def test_target_outside_range_is_refused_at_construction():
+    with pytest.raises(ValueError):
+        ThermalControl(target=120)

@@ -1,0 +1,602 @@
+"""An INDI thermostat driver, built on indipydriver and indipyserver.
+
+Run it:      python thermostat.py            (serves INDI on localhost:7624)
+Import it:   from thermostat import make_driver, make_server
+
+The module reads top to bottom: the thermostat model (pure, time passed in),
+the INDI driver (requests in, readings out), assembly (make_driver,
+make_server), the command line, and last, fenced, the adaptations to defects
+of indipydriver and indipyserver, with the versions they were verified on.
+"""
+
+import argparse
+import asyncio
+import collections
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import indipydriver
+import indipyserver
+from indipydriver import (IPyDriver, Device, NumberVector, NumberMember,
+                          LightVector, LightMember, SwitchVector, SwitchMember,
+                          BLOBVector, BLOBMember, newNumberVector, newSwitchVector)
+from indipyserver import IPyServer
+
+__version__ = "1.0.0"
+
+logger = logging.getLogger("thermostat")
+
+
+# ---------------------------------------------------------------------------
+# The thermostat: a simulated heater and sensor, and its temperature log.
+# Nothing here knows INDI; every method that depends on time is given it.
+# ---------------------------------------------------------------------------
+
+TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
+HEATING_STEP = 0.2     # degrees the temperature moves each poll
+HYSTERESIS = 0.5       # the heater switches beyond target +/- this
+
+
+def parse_number(text, what, low, high):
+    """Return text as a float within low..high, in any INDI number format
+    (decimal, "21:30", "21 30"), or raise ValueError saying what is wrong."""
+    try:
+        value = indipydriver.getfloat(text)
+    except TypeError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{what} must be a number from {low:g} to {high:g}; received {text!r}")
+    return value
+
+
+def indi_timestamp(moment):
+    """The text of a UTC datetime as INDI carries it, and as indipydriver
+    writes it into every timestamp attribute."""
+    return moment.replace(tzinfo=None).isoformat(sep="T")
+
+
+@dataclass(frozen=True)
+class Reading:
+    timestamp: datetime
+    temperature: float
+    heater_on: bool
+    in_band: bool      # within target +/- HYSTERESIS
+
+
+@dataclass
+class LogFile:
+    """One CSV file of the temperature log: rows `timestamp,temperature`."""
+    prefix: str
+    rows: list = field(default_factory=list)
+
+    HEADER = "timestamp,temperature\n"
+
+    def add(self, reading):
+        self.rows.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n")
+
+    @property
+    def name(self):
+        first_timestamp = self.rows[0].split(",", 1)[0]
+        return f"{self.prefix}-{first_timestamp}.csv"
+
+    def content(self):
+        return (self.HEADER + "".join(self.rows)).encode()
+
+
+class ThermalControl:
+    """A simulated thermostat. Each step() moves the temperature one
+    HEATING_STEP up (heater on) or down (heater off) and switches the heater
+    around target +/- HYSTERESIS. While logging, every reading goes into the
+    current log file, which is cut every log_period seconds; finished files
+    wait in a bounded backlog until taken, and are also written to log_dir."""
+
+    def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0,
+                 log_period=300.0, log_dir=None, max_backlog=16):
+        self.name = name
+        self.temperature = temperature
+        self.target = parse_number(target, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
+        self.heater_on = False
+        self.log_period = log_period
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.backlog = collections.deque()
+        self.max_backlog = max_backlog
+        self._logfile = None        # the file being written, None while logging is off
+        self._cut_due = None        # when the current file is to be cut
+
+    @property
+    def in_band(self):
+        "True while the temperature is within target +/- HYSTERESIS."
+        return abs(self.temperature - self.target) <= HYSTERESIS
+
+    @property
+    def logging(self):
+        return self._logfile is not None
+
+    def step(self, now):
+        "Advance one poll at time now (an aware UTC datetime); return the reading."
+        step = HEATING_STEP if self.heater_on else -HEATING_STEP
+        self.temperature = round(self.temperature + step, 2)
+        if self.temperature > self.target + HYSTERESIS:
+            self.heater_on = False
+        elif self.temperature < self.target - HYSTERESIS:
+            self.heater_on = True
+        reading = Reading(now, self.temperature, self.heater_on, self.in_band)
+        if self.logging:
+            if now >= self._cut_due:
+                self._finish_file()
+                self._logfile = LogFile(self.name)
+                self._cut_due += timedelta(seconds=self.log_period)
+                if self._cut_due <= now:     # polls were late: restart the period now
+                    self._cut_due = now + timedelta(seconds=self.log_period)
+            self._logfile.add(reading)
+        return reading
+
+    def start_logging(self, now):
+        if not self.logging:
+            self._logfile = LogFile(self.name)
+            self._cut_due = now + timedelta(seconds=self.log_period)
+
+    def stop_logging(self):
+        "Stop logging; the partial file, if it has rows, joins the backlog."
+        if self.logging:
+            self._finish_file()
+            self._logfile = None
+
+    def take_finished(self):
+        "Remove and return the finished files, oldest first."
+        files = list(self.backlog)
+        self.backlog.clear()
+        return files
+
+    def _finish_file(self):
+        logfile = self._logfile
+        if not logfile.rows:
+            return
+        if self.log_dir is not None:
+            self._write(logfile)
+        self.backlog.append(logfile)
+        if len(self.backlog) > self.max_backlog:
+            dropped = self.backlog.popleft()
+            kept = f", a copy is in {self.log_dir}" if self.log_dir is not None else ""
+            logger.warning("log backlog full (%d files unsent): dropped %s%s",
+                           self.max_backlog, dropped.name, kept)
+
+    def _write(self, logfile):
+        "Write atomically, so that a crash never leaves half a file under the final name."
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            final = self.log_dir / logfile.name
+            partial = final.with_name(final.name + ".part")
+            partial.write_bytes(logfile.content())
+            os.replace(partial, final)
+        except OSError as exc:
+            logger.error("cannot write log file %s to %s: %s", logfile.name, self.log_dir, exc)
+
+
+
+# ---------------------------------------------------------------------------
+# The INDI driver: client requests in, thermostat readings out.
+# ---------------------------------------------------------------------------
+
+class ThermoDriver(IPyDriver):
+    """Serves one ThermalControl as one INDI device.
+
+    A control loop steps the thermostat every poll and hands each reading
+    to an update loop through a small queue. When updates fall behind (a
+    client that does not read stalls the server's sends), live readings are
+    dropped; log rows never are, and the thermostat keeps regulating.
+    Every client request gets an answer: the new state, or Alert with a
+    message saying what was wrong."""
+
+    def __init__(self, device, thermostat, poll_interval):
+        super().__init__(device, thermostat=thermostat)
+        self.device = device
+        self.thermostat = thermostat
+        self.poll_interval = poll_interval
+        self.readings = asyncio.Queue(maxsize=5)
+        self.dropped_readings = 0
+        self._sending_files = asyncio.Lock()
+
+    # -- requests in --------------------------------------------------------
+
+    async def _readdata(self, root):
+        # Everything from the server comes in here. indipydriver drops requests it cannot use
+        # without a reply, or raises on some: see answer_unusable_request in the adaptations.
+        try:
+            if not await answer_unusable_request(self, root):
+                await super()._readdata(root)
+        except Exception:
+            # An exception must not reach indipyserver, whose TaskGroup would end the whole server.
+            logger.exception("%s: failed to handle <%s>", self.device.devicename, root.tag)
+
+    async def rxevent(self, event):
+        try:
+            match event:
+                case newNumberVector(vectorname="targetvector"):
+                    await self.set_target(event)
+                case newSwitchVector(vectorname="switchvector"):
+                    await self.set_logging(event)
+                case _:
+                    await self.reject(event.vector, f"{event.root.tag} is not handled for {event.vectorname}")
+        except Exception:
+            logger.exception("%s: failed to handle %s", self.device.devicename, event.root.tag)
+            await self.reject(event.vector, "internal error handling this request; see the driver's log")
+
+    async def set_target(self, event):
+        vector = event.vector
+        try:
+            target = parse_number(event["target"], "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
+        except ValueError as exc:
+            await self.reject(vector, str(exc))
+            return
+        self.thermostat.target = target
+        vector["target"] = f"{target:.2f}"
+        await self.publish(vector, state="Ok" if self.thermostat.in_band else "Busy")
+
+    async def set_logging(self, event):
+        if event["switchmember"] == "On":
+            self.thermostat.start_logging(datetime.now(timezone.utc))
+        else:
+            self.thermostat.stop_logging()
+            await self.send_log_files()     # the partial file goes out, it is not discarded
+        status = "On" if self.thermostat.logging else "Off"
+        event.vector["switchmember"] = status
+        await self.publish(event.vector, state="Ok")
+        await self.device.send_device_message(message=f"Log reporting is now {status}")
+
+    async def reject(self, vector, message):
+        "Answer a request that cannot be carried out: Alert, the values unchanged, and why."
+        logger.warning("%s.%s: %s", self.device.devicename, vector.name, message)
+        await self.publish(vector, message=message, state="Alert")
+
+    async def refuse(self, name, message):
+        "Answer a request that has no vector to answer on (unknown or read-only) with a device message."
+        logger.warning("%s.%s: %s", self.device.devicename, name, message)
+        await self.device.send_device_message(message=f"{name}: {message}")
+
+    async def publish(self, vector, message="", **kwargs):
+        await vector.send_setVector(message=message, **kwargs)
+        forget_message(vector)
+
+    # -- readings out -------------------------------------------------------
+
+    async def hardware(self):
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.control_loop())
+            tasks.create_task(self.update_loop())
+        self.thermostat.stop_logging()      # at shutdown: the partial file reaches log_dir
+
+    async def control_loop(self):
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while not self.stop:
+            due = max(due + self.poll_interval, loop.time())
+            if await self.shutdown_within(due - loop.time()):
+                break
+            try:
+                reading = self.thermostat.step(datetime.now(timezone.utc))
+            except Exception:
+                logger.exception("%s: thermostat poll failed", self.device.devicename)
+                continue
+            try:
+                self.readings.put_nowait(reading)
+            except asyncio.QueueFull:
+                self.dropped_readings += 1
+                logger.debug("%s: updates are behind, live reading dropped", self.device.devicename)
+        try:
+            self.readings.put_nowait(None)      # wakes the update loop to stop
+        except asyncio.QueueFull:
+            pass                                # it is busy, and will see self.stop
+
+    async def shutdown_within(self, delay):
+        try:
+            await asyncio.wait_for(self.shutdownrequested.wait(), delay)
+            return True
+        except TimeoutError:
+            return False
+
+    async def update_loop(self):
+        while (reading := await self.readings.get()) is not None and not self.stop:
+            try:
+                await self.publish_reading(reading)
+                await self.send_log_files()
+            except Exception:
+                logger.exception("%s: failed to send an update", self.device.devicename)
+
+    async def publish_reading(self, reading):
+        temperature = self.device["temperaturevector"]
+        temperature["temperature"] = f"{reading.temperature:.2f}"
+        await self.publish(temperature, timestamp=reading.timestamp)
+        heater = self.device["heatervector"]
+        light = "Busy" if reading.heater_on else "Idle"
+        if heater["heater"] != light:
+            heater["heater"] = light
+            await self.publish(heater)
+        target = self.device["targetvector"]
+        state = "Ok" if reading.in_band else "Busy"
+        if target.state != state:
+            await self.publish(target, state=state)
+
+    async def send_log_files(self):
+        async with self._sending_files:     # one sender at a time keeps files in order
+            for logfile in self.thermostat.take_finished():
+                await send_blob(self.device["logsvector"], "templogs", logfile.content())
+                logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
+
+
+# ---------------------------------------------------------------------------
+# Assembly: the device and its properties, and the server to serve it.
+# ---------------------------------------------------------------------------
+
+def make_driver(devicename="Thermostat", *, target=15.0, poll_interval=10.0,
+                log_period=300.0, log_dir=None):
+    """Return a ThermoDriver for a new simulated thermostat, ready to serve
+    with make_server(driver) or beside other drivers in any IPyServer."""
+    check_foundation()
+    if not poll_interval > 0 or not log_period > 0:
+        raise ValueError("poll_interval and log_period must be positive numbers of seconds")
+    thermostat = ThermalControl(devicename, target=target, log_period=log_period, log_dir=log_dir)
+    limits = dict(format="%3.1f", min=TEMPERATURE_MIN, max=TEMPERATURE_MAX)
+    properties = [
+        NumberVector("temperaturevector", "Temperature", "Values", "ro", "Ok", [
+            NumberMember("temperature", "Temperature", **limits,
+                         membervalue=f"{thermostat.temperature:.2f}")]),
+        NumberVector("targetvector", "Target", "Values", "rw",
+                     "Ok" if thermostat.in_band else "Busy", [
+            NumberMember("target", "Target", **limits, step=0.1,
+                         membervalue=f"{thermostat.target:.2f}")]),
+        LightVector("heatervector", "Heater", "Values", "Idle", [
+            LightMember("heater", "Heater", membervalue="Idle")]),
+        SwitchVector("switchvector", "Logs Control", "Control", "rw", "AtMostOne", "Ok", [
+            SwitchMember("switchmember", "Logs", membervalue="Off")]),
+        BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
+            BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
+    ]
+    return ThermoDriver(Device(devicename, properties), thermostat, poll_interval)
+
+
+def make_server(*drivers, host="localhost", port=7624, max_connections=5):
+    """Return an IPyServer for drivers (thermostats and any others) with the
+    adaptations below; await its asyncrun(), then read its failure."""
+    check_foundation()
+    return ThermoServer(*drivers, host=host, port=port, maxconnections=max_connections)
+
+
+# ---------------------------------------------------------------------------
+# The command line: python thermostat.py [options]
+# ---------------------------------------------------------------------------
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        "One clear line, as a command line tool owes its user, rather than the usage block."
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number_type(low, high, kind=float):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}..{high:g}")
+        return value
+    return convert
+
+
+def parse_args(argv=None):
+    parser = _ArgumentParser(
+        prog="thermostat.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a simulated INDI thermostat: a temperature, a target, a heater, "
+                    "and temperature logs sent to clients as CSV files.",
+        epilog="then, from another terminal:\n"
+               "  indi_getprop                                    # every property\n"
+               "  indi_setprop 'Thermostat.targetvector.target=21' # set the target")
+    parser.add_argument("--host", default="localhost",
+                        help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=_number_type(1, 65535, int), default=7624,
+                        help="TCP port to listen on (default: %(default)s, the INDI port)")
+    parser.add_argument("--device", default="Thermostat",
+                        help="INDI device name (default: %(default)s)")
+    parser.add_argument("--target", type=_number_type(TEMPERATURE_MIN, TEMPERATURE_MAX),
+                        default=15.0, help="initial target temperature, -50..99 (default: %(default)s)")
+    parser.add_argument("--poll-interval", type=_number_type(0.001, 86400), default=10.0,
+                        metavar="SECONDS", help="seconds between readings (default: %(default)s)")
+    parser.add_argument("--log-period", type=_number_type(0.001, 31 * 86400), default=300.0,
+                        metavar="SECONDS", help="seconds of readings in each CSV log file "
+                                                "(default: %(default)s)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="also write each finished log file to DIR as <device>-<first timestamp>.csv")
+    parser.add_argument("--max-connections", type=_number_type(1, 10, int), default=5,
+                        metavar="N", help="simultaneous clients, 1..10 (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debugging detail, including the XML exchanged")
+    args = parser.parse_args(argv)
+    if not args.device.strip() or not args.device.isascii():
+        parser.error(f"argument --device: {args.device!r} must be non-empty ASCII")
+    return args
+
+
+def configure_logging(verbose):
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.DEBUG if verbose else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+async def serve(server):
+    """Run server until SIGINT or SIGTERM; return the exit status."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, server.shutdown)
+    running = asyncio.create_task(server.asyncrun())
+    await server.stopped.wait()
+    try:
+        await asyncio.wait_for(running, 1.5)    # a stalled client must not hold up the exit
+    except TimeoutError:
+        logger.warning("shutdown did not finish in time; stopping anyway")
+    if server.failure:
+        print(f"thermostat.py: error: {server.failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+    driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
+                         log_period=args.log_period, log_dir=args.log_dir)
+    driver.debug_enable = args.verbose
+    server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
+    return asyncio.run(serve(server))
+
+
+# ===========================================================================
+# ADAPTATIONS to defects of the foundation, verified on indipydriver 3.1.2
+# and indipyserver 0.0.6 (the versions pinned in pyproject.toml). Each is
+# the smallest change that works, and tests/test_adaptations.py has a test
+# that fails without it. check_foundation() refuses to run if the internals
+# they touch are not there.
+# ===========================================================================
+
+VERIFIED_ON = {"indipydriver": "3.1.2", "indipyserver": "0.0.6"}
+
+
+def check_foundation():
+    "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
+    from indipyserver import ipyserver
+    needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"),
+              (IPyServer, "_runserver"), (IPyServer, "handle_data"), (IPyServer, "_broadcast"),
+              (ipyserver._ClientConnection, "handle_data")]
+    missing = [f"{owner.__name__}.{name}" for owner, name in needed if not hasattr(owner, name)]
+    probe = NumberVector("probe", "probe", "probe", "ro", "Ok", [])
+    if getattr(probe, "_message", None) != "":
+        missing.append("PropertyVector._message")
+    if missing:
+        raise RuntimeError(f"thermostat.py was verified on {VERIFIED_ON}; this installation lacks "
+                           f"{', '.join(missing)}: install the pinned versions")
+    installed = {"indipydriver": indipydriver.version, "indipyserver": _installed_version("indipyserver")}
+    if installed != VERIFIED_ON:
+        logger.warning("verified on %s, running on %s", VERIFIED_ON, installed)
+
+
+def _installed_version(package):
+    from importlib.metadata import version
+    return version(package)
+
+
+def forget_message(vector):
+    """indipydriver 3.1.x ignores an empty message, so a vector repeats its
+    last message (say, a rejection) in every later update and definition.
+    Called after each send, so that a message goes out once."""
+    vector._message = ""
+
+
+async def send_blob(vector, membername, content):
+    """indipydriver 3.1.2 sets a BLOB member's size from the first file and
+    keeps it for every later one (clients then save truncated files): set
+    each file's own size before sending it."""
+    vector[membername] = content
+    vector.set_blobsize(membername, len(content))
+    await vector.send_setVectorMembers(members=[membername])
+
+
+async def answer_unusable_request(driver, root):
+    """indipydriver 3.1.2 drops a request it cannot use (unknown vector or
+    member, switch value other than On/Off, empty number) with no answer to
+    the client, passes new values for read-only vectors on as events, and
+    raises UnboundLocalError on a new*Vector whose type is not the vector's
+    (which ends indipyserver 0.0.6 and every driver in it). Answer such a
+    request for driver's devices here; return True if it was answered."""
+    if root.tag not in driver._client_tags or root.get("device") not in driver:
+        return False
+    device, name = driver[root.get("device")], root.get("name")
+    vector = device.get(name)
+    if vector is None:
+        await driver.refuse(name, f"no such property on device {device.devicename}")
+        return True
+    if vector.perm == "ro":
+        await driver.refuse(name, "is read-only; the request was ignored")
+        return True
+    if root.tag != f"new{vector.vectortype}":
+        await driver.reject(vector, f"{name} is a {vector.vectortype}: {root.tag} does not apply to it")
+        return True
+    try:
+        getattr(indipydriver.events, root.tag)(device.devicename, name, vector, root)
+    except indipydriver.events.EventException as exc:
+        await driver.reject(vector, f"request rejected: {exc}")
+        return True
+    return False
+
+
+class _EndOfStreamReader:
+    """indipyserver 0.0.6 reads a closed client connection forever (an empty
+    read is not taken as end of stream), spinning at 100% CPU after every
+    client that disconnects. This reader turns end of stream into the
+    ConnectionError that indipyserver already handles as a disconnect."""
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    async def read(self, n=-1):
+        data = await self._reader.read(n)
+        if not data:
+            raise ConnectionAbortedError("client closed the connection")
+        return data
+
+
+class ThermoServer(IPyServer):
+    """IPyServer as make_server returns it. Against indipyserver 0.0.6:
+    closed clients end cleanly (no CPU spin, no traceback); a port that cannot be opened,
+    or an exception in any driver, is recorded in self.failure (so that the
+    command line exits non-zero) instead of ending silently with status 0."""
+
+    def __init__(self, *drivers, **kwargs):
+        super().__init__(*drivers, **kwargs)
+        self.failure = None
+
+    async def handle_data(self, reader, writer):
+        try:
+            await super().handle_data(_EndOfStreamReader(reader), writer)
+        except ConnectionError:
+            pass    # a client that reset the connection; indipyserver lets it escape as a traceback
+
+    async def _runserver(self):
+        try:
+            self.server = await asyncio.start_server(self.handle_data, self.host, self.port)
+        except OSError as exc:
+            self.failure = f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            self.shutdown()
+            return
+        devices = ", ".join(self.devices) or "no devices"
+        logger.info("serving %s on %s:%s (Ctrl-C stops)", devices, self.host, self.port)
+        try:
+            async with self.server:
+                await self.server.serve_forever()
+        finally:
+            self.shutdown()
+
+    async def asyncrun(self):
+        # IPyServer.asyncrun logs an exception and returns as if all were well; keep it instead.
+        self._stop = False
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tg = tasks
+                for runner in (*self.drivers, *self.exdrivers, *self.remotes):
+                    tasks.create_task(runner.asyncrun())
+                tasks.create_task(self._runserver())
+                tasks.create_task(self._broadcast())
+        except Exception as exc:
+            logger.exception("the server stopped on an error")
+            self.failure = f"the server stopped on an error: {exc!r}"
+        finally:
+            self.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
