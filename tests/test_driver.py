@@ -1,0 +1,49 @@
+"""ThermoDriver with a stand-in for the server: what it sends when the link is slow."""
+
+import asyncio
+import base64
+
+import thermostat
+
+
+class SlowLink:
+    "Records what the driver sends, taking `delay` seconds per message like a stalled client."
+
+    def __init__(self, driver, delay):
+        self.delay = delay
+        self.sent = []
+        driver.send = self.send
+
+    async def send(self, xmldata):
+        await asyncio.sleep(self.delay)
+        self.sent.append(xmldata)
+
+
+def test_a_slow_link_drops_live_readings_but_no_log_rows():
+    driver = thermostat.make_driver(poll_interval=0.01, log_period=0.1)
+    link = SlowLink(driver, delay=0.03)
+    logged = []
+    step = driver.thermostat.step
+
+    def recording_step(now):
+        reading = step(now)
+        if driver.thermostat.logging:
+            logged.append(f"{thermostat.indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
+        return reading
+    driver.thermostat.step = recording_step
+
+    async def run():
+        driver.thermostat.start_logging(thermostat.datetime.now(thermostat.timezone.utc))
+        hardware = asyncio.create_task(driver.hardware())
+        await asyncio.sleep(1.5)
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 5)
+    asyncio.run(run())
+
+    assert driver.dropped_readings > 10, "the link was slow enough to overflow the queue"
+    assert len(logged) > 100, "the thermostat kept its pace regardless"
+    sent_rows = [row for xml in link.sent if xml.tag == "setBLOBVector"
+                 for row in base64.b64decode(xml.find("oneBLOB").text).decode().splitlines()[1:]]
+    unsent_rows = [row for logfile in driver.thermostat.take_finished() for row in logfile.rows]
+    assert sent_rows + [row.strip() for row in unsent_rows] == logged
+    assert len(sent_rows) > 0
