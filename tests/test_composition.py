@@ -38,7 +38,7 @@ def test_two_thermostats_and_a_snooper_share_one_server(in_process):
 
     client = running.client()
     client.send('<getProperties version="1.7"/>')
-    defs = client.gather(lambda e: e.tag.startswith("def"), 10)
+    defs = client.gather(lambda e: e.tag.startswith("def"), 18)
     assert sorted({e.get("device") for e in defs}) == ["Alpha", "Beta"]
     client.send(new_number("Beta", "targetvector", "target", "25"))
     reply = client.expect(tagged("setNumberVector", device="Beta", name="targetvector"))

@@ -8,6 +8,7 @@ import subprocess
 import indipyclient
 import pytest
 
+import thermostat
 from conftest import blob_files, new_number, new_switch, tagged
 
 GET_ALL = '<getProperties version="1.7"/>'
@@ -53,8 +54,17 @@ def test_definitions_carry_the_documented_attributes(served):
     "indi_getprop does not report BLOB vectors or member details, so read the definitions raw."
     client = served().client()
     client.send(GET_ALL)
-    defs = {e.get("name"): e for e in client.gather(lambda e: e.tag.startswith("def"), 5)}
-    assert set(defs) == {"temperaturevector", "targetvector", "heatervector", "switchvector", "logsvector"}
+    defs = {e.get("name"): e for e in client.gather(lambda e: e.tag.startswith("def"), 9)}
+    assert set(defs) == {"temperaturevector", "targetvector", "heatervector", "switchvector", "logsvector",
+                         "logperiodvector", "CONNECTION", "DRIVER_INFO", "POLLING_PERIOD"}
+    connection = defs["CONNECTION"]
+    assert (connection.get("rule"), [(m.get("name"), m.text.strip()) for m in connection]) == \
+        ("OneOfMany", [("CONNECT", "On"), ("DISCONNECT", "Off")])
+    info = {m.get("name"): m.text for m in defs["DRIVER_INFO"]}
+    assert info == {"DRIVER_NAME": "Thermostat", "DRIVER_EXEC": "indi_thermostat",
+                    "DRIVER_VERSION": thermostat.__version__, "DRIVER_INTERFACE": "32768"}
+    period = defs["POLLING_PERIOD"].find("defNumber")
+    assert (period.get("name"), period.get("min"), period.get("max"), period.text) == ("PERIOD_MS", "10", "600000", "50")
     logs = defs["logsvector"]
     assert (logs.get("perm"), logs.get("group"), logs.find("defBLOB").get("name")) == ("ro", "Control", "templogs")
     switch = defs["switchvector"]
