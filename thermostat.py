@@ -23,11 +23,10 @@ from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import indipydriver
-import indipyserver
 from indipydriver import (IPyDriver, Device, NumberVector, NumberMember,
                           LightVector, LightMember, SwitchVector, SwitchMember, TextVector, TextMember,
                           BLOBVector, BLOBMember, newNumberVector, newSwitchVector)
-from indipyserver import IPyServer
+from indipyserver import IPyServer, ipyserver
 from indipyserver.remote import RemoteConnection
 
 __version__ = "1.0.0"
@@ -595,10 +594,11 @@ VERIFIED_ON = {"indipydriver": "3.1.2", "indipyserver": "0.0.6"}
 
 def check_foundation():
     "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
-    from indipyserver import ipyserver
     needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"),
               (IPyServer, "_runserver"), (IPyServer, "handle_data"), (IPyServer, "_broadcast"),
               (ipyserver, "_DriverComms"), (ipyserver._ClientConnection, "handle_data"),
+              (ipyserver._ClientConnection, "_client_rx"), (ipyserver._ClientConnection, "_client_tx"),
+              (ipyserver.SendChecker, "setpermissions"),
               (RemoteConnection, "_run_rx")]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed
                if not hasattr(owner, name)]
@@ -665,10 +665,9 @@ async def answer_unusable_request(driver, root):
 
 
 class _EndOfStreamReader:
-    """indipyserver 0.0.6 reads a closed client connection forever (an empty
-    read is not taken as end of stream), spinning at 100% CPU after every
-    client that disconnects. This reader turns end of stream into the
-    ConnectionError that indipyserver already handles as a disconnect."""
+    """indipyserver 0.0.6 reads a closed connection forever (an empty read
+    is not taken as end of stream), spinning at 100% CPU. This reader turns
+    end of stream into the ConnectionError that it handles as a lost link."""
 
     def __init__(self, reader):
         self._reader = reader
@@ -680,33 +679,55 @@ class _EndOfStreamReader:
         return data
 
 
+INDI_TAGS = frozenset({
+    "getProperties", "enableBLOB", "message", "delProperty",
+    "newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector",
+    "defTextVector", "defNumberVector", "defSwitchVector", "defLightVector", "defBLOBVector",
+    "setTextVector", "setNumberVector", "setSwitchVector", "setLightVector", "setBLOBVector"})
+
+
 class _IndiStream:
     """Splits a byte stream of INDI elements (no document root) into
-    elements, as indipydriver and indipyserver do, with a synthetic root."""
+    elements, with a synthetic root as indipydriver and indipyserver do, but
+    surviving what a peer may send: a malformed element is discarded (with
+    the rest of its chunk) and parsing goes on; an element never closed
+    does not swallow the INDI elements after it; and no more than max_bytes
+    are held for an element that does not end."""
 
-    def __init__(self):
+    def __init__(self, max_bytes=16 << 20):
+        self.max_bytes = max_bytes
         self._reset()
 
     def _reset(self):
         self._parser = ET.XMLPullParser(events=("start", "end"))
         self._parser.feed(b"<indi>")
-        self._root = next(self._parser.read_events())[1]
-        self._depth = 1
+        self._open = [next(self._parser.read_events())[1]]     # the synthetic root, then open elements
+        self._held = 0
 
     def feed(self, data):
-        try:
-            self._parser.feed(data)
-            events = list(self._parser.read_events())
-        except ET.ParseError as exc:
-            logger.error("malformed XML received (%s); discarding it", exc)
-            self._reset()
-            return []
         elements = []
-        for event, element in events:
-            self._depth += 1 if event == "start" else -1
-            if event == "end" and self._depth == 1:
-                self._root.remove(element)
-                elements.append(element)
+        self._parser.feed(data)
+        self._held += len(data)
+        try:
+            for event, element in self._parser.read_events():
+                if event == "start":
+                    self._open.append(element)
+                    continue
+                self._open.pop()
+                parent = self._open[-1]
+                if parent is self._open[0] or (element.tag in INDI_TAGS and parent.tag in INDI_TAGS):
+                    if parent is not self._open[0]:
+                        logger.warning("<%s> was never closed; it is ignored", parent.tag)
+                    parent.remove(element)
+                    elements.append(element)
+                    self._held = 0
+        except ET.ParseError as exc:
+            # XMLPullParser reports errors here, from read_events(), not from feed()
+            logger.warning("malformed XML received (%s); discarding it", exc)
+            self._reset()
+        if self._held > self.max_bytes:
+            logger.warning("an element exceeded %d bytes; discarding it", self.max_bytes)
+            self._reset()
         return elements
 
 
@@ -771,6 +792,62 @@ class _RelayingRemoteConnection(RemoteConnection):
         await super()._run_rx()
 
 
+def server_message(text):
+    return ET.Element("message", timestamp=indi_timestamp(datetime.now(timezone.utc)), message=text)
+
+
+class _ClientLink(ipyserver._ClientConnection):
+    """One client connection of ThermoServer. Against indipyserver 0.0.6:
+    end of stream ends it (no CPU spin); malformed or oversized input is
+    discarded, not fatal to the connection; elements a client may not send
+    are refused (see ThermoServer.refusal); an enableBLOB without a valid
+    value is ignored, not an AttributeError; other clients' getProperties
+    are not echoed to it; and a client that stops reading is disconnected
+    once max_pending messages wait for it, instead of growing the server
+    without bound."""
+
+    max_pending = 1000
+
+    def __init__(self, con_id, xml_data_que, server):
+        super().__init__(con_id, xml_data_que)
+        self.server = server
+        self.pending = 0
+
+    async def _client_rx(self):
+        stream = _IndiStream()
+        while self.connected and (data := await self.reader.read(65536)):
+            for element in stream.feed(data):
+                await self._receive(element)
+
+    async def _receive(self, element):
+        if element.tag == "enableBLOB":
+            if element.get("device") and (element.text or "").strip() in ("Never", "Also", "Only"):
+                self.sendchecker.setpermissions(element)
+            else:
+                logger.warning("client %d: ignored an enableBLOB without a device or a value "
+                               "Never, Also or Only", self.con_id)
+        elif reason := self.server.refusal(element):
+            logger.warning("client %d: ignored %s", self.con_id, reason)
+        else:
+            await self.xml_data_que.put((self.con_id, element))
+
+    async def _client_tx(self, con_id, xmldata):
+        if xmldata.tag == "getProperties" and con_id in self.server.client_ids:
+            return                          # a request to the devices, not news for other clients
+        if not self.connected:
+            return
+        if self.pending >= self.max_pending:
+            logger.warning("client %d: disconnected, it has not read its last %d messages",
+                           self.con_id, self.max_pending)
+            self.shutdown()
+            return
+        self.pending += 1
+        try:
+            await super()._client_tx(con_id, xmldata)
+        finally:
+            self.pending -= 1
+
+
 class ThermoServer(IPyServer):
     """IPyServer as make_server returns it. Against indipyserver 0.0.6:
     closed clients and remote links end cleanly (no CPU spin, no traceback); a port that cannot be opened,
@@ -780,6 +857,8 @@ class ThermoServer(IPyServer):
     def __init__(self, *drivers, **kwargs):
         super().__init__(*drivers, **kwargs)
         self.failure = None
+        self.connectionpool = [_ClientLink(c.con_id, self.xml_data_que, self) for c in self.connectionpool]
+        self.client_ids = {c.con_id for c in self.connectionpool}
 
     def add_remote(self, host, port, blob_enable=False, debug_enable=False):
         "As IPyServer.add_remote, with a link that waits quietly while the remote is down."
@@ -792,10 +871,38 @@ class ThermoServer(IPyServer):
         self.remotes[-1] = relay
 
     async def handle_data(self, reader, writer):
+        connection = next((c for c in self.connectionpool if not c.connected), None)
         try:
-            await super().handle_data(_EndOfStreamReader(reader), writer)
+            if connection is None:
+                # indipyserver 0.0.6 closes the connection without a word
+                logger.warning("refused a client: all %d connections are in use", self.maxconnections)
+                writer.write(ET.tostring(server_message(
+                    f"This server is full ({self.maxconnections} clients); try again later")))
+                await writer.drain()
+            else:
+                await connection.handle_data(reader, writer)
         except ConnectionError:
             pass    # a client that reset the connection; indipyserver lets it escape as a traceback
+        finally:
+            writer.close()
+
+    def refusal(self, element):
+        """Why an element from a client is not passed on, or None. A client
+        asks (getProperties, new*Vector); it does not speak for a device
+        served here (def*, set*, delProperty, message), which in indipyserver
+        0.0.6 lets any client spoof the thermostat to every other client, or
+        shut the whole server down with a definition of its device."""
+        tag, device = element.tag, element.get("device")
+        if tag not in INDI_TAGS:
+            return f"<{tag}> is not an INDI element"
+        if tag.startswith("new"):
+            known = set(self.devices).union(*(r.devicenames for r in self.remotes),
+                                            *(d.devicenames for d in self.exdrivers))
+            if device not in known:
+                return f"<{tag}> for {device!r}, a device not served here"
+        elif tag != "getProperties" and (device is None or device in self.devices):
+            return f"<{tag}> for {device or 'every device'}, which only a device may send"
+        return None
 
     async def _runserver(self):
         try:
