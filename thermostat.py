@@ -689,10 +689,10 @@ INDI_TAGS = frozenset({
 class _IndiStream:
     """Splits a byte stream of INDI elements (no document root) into
     elements, with a synthetic root as indipydriver and indipyserver do, but
-    surviving what a peer may send: a malformed element is discarded (with
-    the rest of its chunk) and parsing goes on; an element never closed
-    does not swallow the INDI elements after it; and no more than max_bytes
-    are held for an element that does not end."""
+    surviving what a peer may send: after malformed XML, parsing resumes at
+    the next tag; an element never closed does not swallow the INDI elements
+    after it; and no more than max_bytes are held for an element that does
+    not end."""
 
     def __init__(self, max_bytes=16 << 20):
         self.max_bytes = max_bytes
@@ -702,10 +702,20 @@ class _IndiStream:
         self._parser = ET.XMLPullParser(events=("start", "end"))
         self._parser.feed(b"<indi>")
         self._open = [next(self._parser.read_events())[1]]     # the synthetic root, then open elements
-        self._held = 0
+        self._held = 0                  # bytes since the last complete element
+        self._line, self._column = 1, len(b"<indi>")            # where the next byte fed will be
 
     def feed(self, data):
         elements = []
+        while data:
+            data = self._feed(data, elements)
+        if self._held > self.max_bytes:
+            logger.warning("an element exceeded %d bytes; discarding it", self.max_bytes)
+            self._reset()
+        return elements
+
+    def _feed(self, data, elements):
+        "Parse data into elements; after an error, return the data left to parse afresh."
         self._parser.feed(data)
         self._held += len(data)
         try:
@@ -722,13 +732,29 @@ class _IndiStream:
                     elements.append(element)
                     self._held = 0
         except ET.ParseError as exc:
-            # XMLPullParser reports errors here, from read_events(), not from feed()
-            logger.warning("malformed XML received (%s); discarding it", exc)
+            # XMLPullParser reports errors from read_events(), not from feed()
+            logger.warning("malformed XML received (%s); skipping to the next tag", exc)
+            error_at = self._offset(data, *exc.position)
             self._reset()
-        if self._held > self.max_bytes:
-            logger.warning("an element exceeded %d bytes; discarding it", self.max_bytes)
-            self._reset()
-        return elements
+            resume = data.find(b"<", error_at + 1)
+            return data[resume:] if resume >= 0 else b""
+        newlines = data.count(b"\n")
+        self._line += newlines
+        self._column = len(data) - data.rfind(b"\n") - 1 if newlines else self._column + len(data)
+        return b""
+
+    def _offset(self, data, line, column):
+        "Where in data the parser's (line, column) falls; -1 if before it."
+        if (line, column) < (self._line, self._column):
+            return -1
+        if line == self._line:
+            return column - self._column
+        position = -1
+        for _ in range(line - self._line):
+            position = data.find(b"\n", position + 1)
+            if position < 0:
+                return len(data)
+        return position + 1 + column
 
 
 class StdioLink:

@@ -3,9 +3,11 @@
 
 import asyncio
 import base64
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -31,7 +33,7 @@ def wait_for_port(port, timeout=10.0, process=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()}")
+            raise RuntimeError(f"server exited with {process.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -124,19 +126,24 @@ def blob_files(elements):
 def cpu_seconds(pid):
     "User plus system CPU time of a process, from /proc."
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:
     "python thermostat.py, started with options, on a free port."
 
-    def __init__(self, *options):
-        self.port = free_port()
+    def __init__(self, *options, port=None):
+        self.port = port or free_port()
+        # stderr goes to a file: a pipe nobody reads would block a server that logs a lot
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "thermostat.py"), "--port", str(self.port), *options],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         wait_for_port(self.port, process=self.process)
+
+    def stderr_text(self):
+        self.log.seek(0)
+        return self.log.read()
 
     def client(self):
         return IndiClient(self.port)
@@ -149,7 +156,7 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.stderr = self.process.stderr.read()
+        self.stderr = self.stderr_text()
         return self.process.returncode
 
 

@@ -146,3 +146,44 @@ def test_start_up_fails_loudly_when_an_internal_is_missing(monkeypatch):
     monkeypatch.delattr(IPyServer, "_broadcast")
     with pytest.raises(RuntimeError, match="IPyServer._broadcast"):
         thermostat.make_server(port=free_port())
+
+
+# _IndiStream: indipyserver 0.0.6 drops a whole connection on one malformed
+# element and lets an element never closed swallow everything after it.
+
+def parse(*chunks, **kwargs):
+    stream = thermostat._IndiStream(**kwargs)
+    return [(e.tag, e.get("name")) for chunk in chunks for e in stream.feed(chunk)]
+
+
+GET = b'<getProperties version="1.7" name="%s"/>'
+
+
+def test_stream_splits_elements_across_arbitrary_chunks():
+    data = GET % b"a" + b'<newNumberVector device="T" name="b"><oneNumber name="x">1</oneNumber></newNumberVector>'
+    whole = parse(data)
+    assert whole == [("getProperties", "a"), ("newNumberVector", "b")]
+    assert parse(*(data[i:i + 1] for i in range(len(data)))) == whole
+
+
+@pytest.mark.parametrize("bad", [b'<oneNumber name="x">1</oops>', b"\x00\xff garbage <<>>", b'<a b="c"d="e"/>',
+                                 b'<!DOCTYPE x [<!ENTITY e "e">]><message message="&e;"/>'])
+def test_stream_resumes_after_malformed_xml(bad):
+    assert parse(GET % b"before", bad, GET % b"after") == [("getProperties", "before"), ("getProperties", "after")]
+    assert parse(GET % b"before" + bad + GET % b"after")[-1] == ("getProperties", "after")
+
+
+def test_stream_resumes_after_an_error_on_a_later_line():
+    assert parse(b"\n\n" + GET % b"a" + b"\n  </oops>\n" + GET % b"b") == [("getProperties", "a"), ("getProperties", "b")]
+
+
+def test_an_element_never_closed_does_not_swallow_the_next_ones():
+    assert parse(b'<newNumberVector device="T" name="open"><oneNumber name="x">1</oneNumber>',
+                 GET % b"a", GET % b"b") == [("getProperties", "a"), ("getProperties", "b")]
+
+
+def test_an_element_beyond_the_bound_is_discarded_and_parsing_goes_on():
+    stream = thermostat._IndiStream(max_bytes=1000)
+    assert stream.feed(b'<newBLOBVector device="T" name="big"><oneBLOB name="b">' + b"A" * 2000) == []
+    assert stream._held == 0
+    assert [e.get("name") for e in stream.feed(GET % b"after")] == ["after"]

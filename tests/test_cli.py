@@ -63,7 +63,7 @@ def test_signals_shut_down_cleanly_within_two_seconds(signum, tmp_path):
     client.gather(tagged("setNumberVector", name="temperaturevector"), 3)
     server.process.send_signal(signum)
     assert server.process.wait(timeout=2) == 0
-    assert "Traceback" not in server.process.stderr.read()
+    assert "Traceback" not in server.stderr_text()
     # the partial log file reached the disk on the way out
     (logfile,) = tmp_path.glob("Thermostat-*.csv")
     assert len(logfile.read_text().splitlines()) >= 4
