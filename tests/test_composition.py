@@ -1,6 +1,5 @@
 """An integrator's server: two thermostats and a driver that snoops on one, in one IPyServer."""
 
-import asyncio
 import threading
 
 from indipydriver import IPyDriver, setNumberVector

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import thermostat
-from conftest import (FAST, ROOT, IndiClient, ServerProcess, ServerThread, blob_files, cpu_seconds,
+from conftest import (FAST, ROOT, IndiClient, ServerProcess, blob_files, cpu_seconds,
                       free_port, new_number, new_switch, tagged, wait_for_port)
 from test_peers import getprop, setprop, wait_for_prop
 

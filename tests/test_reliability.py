@@ -4,21 +4,13 @@ coming at the poll rate, and, once for all cases at the end, (c) the log is
 lossless: every reading once, in order. Each case is bounded in count and time."""
 
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import FAST, IndiClient, ServerProcess, blob_files, new_number, new_switch, tagged
+from conftest import FAST, ServerProcess, blob_files, new_number, new_switch, rss_mib, tagged
 
 DEVICE = "Thermostat"
-
-
-def rss_mib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
 
 
 @pytest.fixture(scope="module")
