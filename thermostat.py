@@ -26,6 +26,7 @@ import indipydriver
 from indipydriver import (IPyDriver, Device, NumberVector, NumberMember,
                           LightVector, LightMember, SwitchVector, SwitchMember, TextVector, TextMember,
                           BLOBVector, BLOBMember, newNumberVector, newSwitchVector)
+import indipyserver
 from indipyserver import IPyServer, ipyserver
 from indipyserver.remote import RemoteConnection
 
@@ -327,7 +328,9 @@ class ThermoDriver(IPyDriver):
             delay = last_poll + self.poll_interval - loop.time()
             if delay > 0 and await self.woken_within(delay):
                 continue                    # shutdown, or a new poll interval: plan again
-            last_poll = loop.time()
+            # Polls keep to a fixed schedule (the time a poll takes does not add up into drift),
+            # unless a whole interval was missed: then the schedule starts afresh from now.
+            last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
             if self.connected:
                 self.poll()
         try:
@@ -610,14 +613,9 @@ def check_foundation():
     if missing:
         raise RuntimeError(f"thermostat.py was verified on {VERIFIED_ON}; this installation lacks "
                            f"{', '.join(missing)}: install the pinned versions")
-    installed = {"indipydriver": indipydriver.version, "indipyserver": _installed_version("indipyserver")}
+    installed = {"indipydriver": indipydriver.version, "indipyserver": indipyserver.version}
     if installed != VERIFIED_ON:
         logger.warning("verified on %s, running on %s", VERIFIED_ON, installed)
-
-
-def _installed_version(package):
-    from importlib.metadata import version
-    return version(package)
 
 
 def forget_message(vector):
@@ -827,8 +825,8 @@ class _ClientLink(ipyserver._ClientConnection):
     end of stream ends it (no CPU spin); malformed or oversized input is
     discarded, not fatal to the connection; elements a client may not send
     are refused (see ThermoServer.refusal); an enableBLOB without a valid
-    value is ignored, not an AttributeError; other clients' getProperties
-    are not echoed to it; and a client that stops reading is disconnected
+    value is ignored, not an AttributeError; other clients' requests
+    (getProperties, new*Vector) are not echoed to it; and a client that stops reading is disconnected
     once max_pending messages wait for it, instead of growing the server
     without bound."""
 
@@ -858,8 +856,8 @@ class _ClientLink(ipyserver._ClientConnection):
             await self.xml_data_que.put((self.con_id, element))
 
     async def _client_tx(self, con_id, xmldata):
-        if xmldata.tag == "getProperties" and con_id in self.server.client_ids:
-            return                          # a request to the devices, not news for other clients
+        if con_id in self.server.client_ids and (xmldata.tag == "getProperties" or xmldata.tag.startswith("new")):
+            return                          # a client's request is for the devices, not news for other clients
         if not self.connected:
             return
         if self.pending >= self.max_pending:

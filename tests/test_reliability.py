@@ -159,6 +159,19 @@ def test_a_client_cannot_speak_for_the_thermostat(server, spoof):
                    e.find("oneNumber").text == "77") or e.tag == "delProperty" for e in server.watcher.received)
 
 
+def test_what_a_client_asks_goes_to_the_devices_not_to_other_clients(server):
+    "As in libindi's indiserver: another client's getProperties and new*Vector are not news for the watcher."
+    seen = len(server.watcher.received)
+    other = server.client()
+    other.send('<getProperties version="1.7" device="Thermostat" name="CONNECTION"/>')
+    other.send(new_number(DEVICE, "logperiodvector", "logperiod", "0.5"))
+    other.expect(tagged("setNumberVector", name="logperiodvector"))
+    server.watcher.expect(tagged("setNumberVector", name="logperiodvector"))   # the device's answer: yes
+    other.close()
+    still_serving(server)
+    assert not [e.tag for e in server.watcher.received[seen:] if e.tag == "getProperties" or e.tag.startswith("new")]
+
+
 def test_more_clients_than_the_limit_are_told_and_closed(server):
     extra = [server.client() for _ in range(4)]          # the watcher holds one of four connections
     refused = [c for c in extra if _closed_with_message(c)]
