@@ -1,10 +1,13 @@
 """Bad input, faults and load against one running server. After every case:
 (a) a fresh client's getProperties is answered, (b) temperature updates keep
-coming at the poll rate, and, once for all cases at the end, (c) the log is
-lossless: every reading once, in order. Each case is bounded in count and time."""
+coming at the poll rate, and (c) the log files so far are lossless: every
+reading once, in order. At the end, every live update the watcher received is
+in the files, and every file it received is one on disk. Each case is bounded
+in count and time."""
 
 import socket
 import time
+from datetime import datetime
 
 import pytest
 
@@ -29,7 +32,8 @@ def server(tmp_path_factory):
 
 
 def still_serving(server, updates=5):
-    "(a) a fresh client is answered, and (b) updates keep coming at the poll rate (0.05 s)."
+    """(a) a fresh client is answered, (b) updates keep coming at the poll rate
+    (0.05 s), and (c) the log files so far hold every reading once, in order."""
     fresh = server.client()
     fresh.send('<getProperties version="1.7" device="Thermostat" name="targetvector"/>')
     fresh.expect(tagged("defNumberVector", name="targetvector"), timeout=3)
@@ -38,6 +42,18 @@ def still_serving(server, updates=5):
     server.watcher.gather(tagged("setNumberVector", name="temperaturevector"), updates, timeout=3)
     assert time.monotonic() - started < updates * 0.05 + 1.0
     assert server.process.poll() is None
+    rows = logged_rows(server.log_dir)
+    times = [datetime.fromisoformat(timestamp) for timestamp, _ in rows]
+    assert times == sorted(set(times)), "a reading is logged twice or out of order"
+    # the simulation moves exactly 0.2 a poll: a reading missing from the log would show as 0.4 or 0
+    assert {round(abs(float(b) - float(a)), 2) for (_, a), (_, b) in zip(rows, rows[1:])} <= {0.2}
+
+
+def logged_rows(log_dir):
+    "(timestamp, temperature) of every row of the finished log files, in the order of their first rows."
+    files = [path.read_text().splitlines()[1:] for path in log_dir.glob("Thermostat-*.csv")]
+    files.sort(key=lambda lines: datetime.fromisoformat(lines[0].split(",")[0]))
+    return [tuple(line.split(",")) for lines in files for line in lines]
 
 
 def send_raw(server, data, read_reply=None, close_after=0.2):
@@ -239,18 +255,16 @@ def test_zz_the_log_is_lossless_across_all_of_the_above(server):
     "(c): runs last in this module. Every update the watcher saw is in the log files once, in order."
     server.watcher.send(new_switch(DEVICE, "switchvector", "switchmember", "Off"))
     server.watcher.expect(tagged("setSwitchVector", name="switchvector"))
-    rows = []
-    for path in sorted(server.log_dir.glob("Thermostat-*.csv")):
-        header, *lines = path.read_text().splitlines()
-        assert header == "timestamp,temperature"
-        rows += lines
-    assert len(rows) == len(set(rows)) and rows == sorted(rows)
+    assert all(p.read_text().startswith("timestamp,temperature\n") for p in server.log_dir.glob("*.csv"))
+    rows = [",".join(row) for row in logged_rows(server.log_dir)]
+    assert len(rows) == len(set(rows))
     updates = [f"{e.get('timestamp')},{e.find('oneNumber').text}" for e in server.watcher.received
                if e.tag == "setNumberVector" and e.get("name") == "temperaturevector"]
     start = updates.index(rows[0])
     assert updates[start:start + len(rows)] == rows
     sent = [content for _, content in blob_files(e for e in server.watcher.received if e.tag == "setBLOBVector")]
     assert sorted(sent) == sorted(p.read_bytes() for p in server.log_dir.glob("Thermostat-*.csv"))
+    still_serving(server)
 
 
 def test_sigterm_while_sending_blobs_then_restart_keeps_earlier_files(tmp_path):
