@@ -826,9 +826,9 @@ class _ClientLink(ipyserver._ClientConnection):
     discarded, not fatal to the connection; elements a client may not send
     are refused (see ThermoServer.refusal); an enableBLOB without a valid
     value is ignored, not an AttributeError; other clients' requests
-    (getProperties, new*Vector) are not echoed to it; and a client that stops reading is disconnected
-    once max_pending messages wait for it, instead of growing the server
-    without bound."""
+    (getProperties, new*Vector) are not echoed to it; and a client that
+    stops reading is disconnected once max_pending messages wait for it,
+    instead of growing the server without bound."""
 
     max_pending = 1000
 
@@ -856,8 +856,9 @@ class _ClientLink(ipyserver._ClientConnection):
             await self.xml_data_que.put((self.con_id, element))
 
     async def _client_tx(self, con_id, xmldata):
-        if con_id in self.server.client_ids and (xmldata.tag == "getProperties" or xmldata.tag.startswith("new")):
-            return                          # a client's request is for the devices, not news for other clients
+        from_a_client = con_id in self.server.client_ids
+        if from_a_client and (xmldata.tag == "getProperties" or xmldata.tag.startswith("new")):
+            return                          # a request for the devices, not news for other clients
         if not self.connected:
             return
         if self.pending >= self.max_pending:
