@@ -33,6 +33,36 @@ def test_server_stays_idle_after_clients_disconnect():
         assert server.stop() == 0
 
 
+def test_an_idle_server_sets_no_timers_of_its_own():
+    """indipyserver 0.0.6 wakes every 0.5 s to check its keepalive timer, and
+    indipydriver 3.1.2 every second to check snooping that this driver never
+    does: most of an idle server's CPU. Idle here, at a 10 s poll, the event
+    loop should have nothing to time but the next poll and the keepalive."""
+    async def count_timers():
+        server = thermostat.make_server(thermostat.make_driver(), port=free_port())
+        running = asyncio.create_task(server.asyncrun())
+        await asyncio.sleep(0.5)                    # started
+        loop, timers = asyncio.get_running_loop(), []
+        original = loop.call_at
+        loop.call_at = lambda when, callback, *args, **kwargs: (timers.append(callback),
+                                                                original(when, callback, *args, **kwargs))[1]
+        await asyncio.sleep(3)
+        loop.call_at = original
+        server.shutdown()
+        await asyncio.wait_for(running, 2)
+        return timers[1:]                           # the first is this test's own sleep
+    timers = asyncio.run(count_timers())
+    assert len(timers) <= 1, f"{len(timers)} timers set in 3 s of idling: {timers}"
+
+
+def test_the_keepalive_still_goes_out_when_nothing_else_does(in_process):
+    server = thermostat.make_server(thermostat.make_driver(), port=free_port())
+    server.keepalive = 0.3
+    client = in_process(server).client()
+    client.expect(lambda e: e.tag == "message" and e.get("message") == "Keep alive message", timeout=3)
+    client.close()
+
+
 def test_clients_that_reset_their_connection_leave_no_traceback():
     "indipyserver 0.0.6 prints an unhandled ConnectionResetError for every client that resets."
     server = ServerProcess()
