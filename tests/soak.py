@@ -1,6 +1,6 @@
 """Soak: a simulated week of 10-second polls, accelerated, against a served thermostat.
 
-    python tests/soak.py                 # 60480 polls (7 days), about two minutes
+    python tests/soak.py                 # 60480 polls (7 days), about a minute
     python tests/soak.py --days 1        # a quicker look
 
 A child process serves one thermostat with make_server, polling every
