@@ -32,7 +32,33 @@ from indipyserver.remote import RemoteConnection
 
 __version__ = "1.0.0"
 
+
+class WarningThrottle(logging.Filter):
+    """Passes at most `limit` warnings of one kind (one message template) per
+    `period` seconds, and says how many it held back with the next one that
+    passes: a client that floods the server with bad input must not flood
+    its log too."""
+
+    def __init__(self, limit=20, period=60.0):
+        super().__init__()
+        self.limit, self.period = limit, period
+        self._windows = {}              # template -> [start of its window, warnings in it]
+
+    def filter(self, record):
+        if record.levelno != logging.WARNING:
+            return True
+        window = self._windows.setdefault(record.msg, [record.created, 0])
+        if record.created - window[0] >= self.period:
+            held_back = window[1] - self.limit
+            window[:] = [record.created, 0]
+            if held_back > 0:
+                record.msg = f"{record.msg} ({held_back} more like this were not logged)"
+        window[1] += 1
+        return window[1] <= self.limit
+
+
 logger = logging.getLogger("thermostat")
+logger.addFilter(WarningThrottle())
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+import thermostat
 from thermostat import HYSTERESIS, LogFile, ThermalControl, indi_timestamp, parse_number
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -156,3 +157,17 @@ def test_log_dir_keeps_every_finished_file_even_when_dropped_from_backlog(tmp_pa
 def test_target_outside_range_is_refused_at_construction():
     with pytest.raises(ValueError):
         ThermalControl(target=120)
+
+
+def test_warnings_of_one_kind_are_throttled_and_the_held_back_counted():
+    throttle = thermostat.WarningThrottle(limit=3, period=60)
+
+    def warn(template, at):
+        record = logging.LogRecord("thermostat", logging.WARNING, __file__, 1, template, (), None)
+        record.created = at
+        return record if throttle.filter(record) else None
+    passed = [warn("bad input %s", t) for t in range(10)]
+    assert sum(r is not None for r in passed) == 3
+    assert warn("another kind", 10) is not None             # each kind has its own window
+    later = warn("bad input %s", 61)                          # a new window says what was held back
+    assert later is not None and "7 more like this were not logged" in later.msg

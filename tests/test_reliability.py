@@ -93,6 +93,19 @@ def test_malformed_input_then_a_valid_request_on_the_same_connection(server, nam
     still_serving(server)
 
 
+def test_a_flood_of_bad_input_does_not_flood_the_log(server):
+    client = server.client()
+    client.send(b"<oops></nope>" * 500 + b'<launchMissiles device="Thermostat"/>' * 500)
+    client.send(b'<getProperties version="1.7" device="Thermostat" name="CONNECTION"/>')
+    client.expect(tagged("defSwitchVector", name="CONNECTION"), timeout=5)
+    client.close()
+    still_serving(server)
+    log = server.stderr_text()
+    # this module runs in less than a minute: one window of WarningThrottle's 20 per kind
+    assert 0 < log.count("malformed XML received") <= 20
+    assert 0 < log.count("is not an INDI element") <= 20
+
+
 def test_an_element_never_closed_does_not_swallow_the_next_ones(server):
     client = server.client()
     client.send(b'<newNumberVector device="Thermostat" name="targetvector"><oneNumber name="target">20</oneNumber>')
