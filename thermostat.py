@@ -979,8 +979,8 @@ class ThermoServer(IPyServer):
         try:
             while not self._stop:
                 try:
-                    con_id, xmldata = await asyncio.wait_for(
-                        self.xml_data_que.get(), keepalive_at - loop.time() if self.keepalive else None)
+                    async with asyncio.timeout_at(keepalive_at if self.keepalive else None):
+                        con_id, xmldata = await self.xml_data_que.get()
                 except TimeoutError:
                     self._send_keepalive()
                     keepalive_at = loop.time() + self.keepalive
