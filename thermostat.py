@@ -336,7 +336,11 @@ class ThermoDriver(IPyDriver):
 
     async def publish(self, vector, message="", **kwargs):
         await vector.send_setVector(message=message, **kwargs)
-        forget_message(vector)
+
+    async def send(self, xmldata):
+        "Everything this driver sends passes here (indipydriver's hook)."
+        forget_message(self.device, xmldata)
+        await super().send(xmldata)
 
     # -- readings out -------------------------------------------------------
 
@@ -409,10 +413,15 @@ class ThermoDriver(IPyDriver):
             await self.publish(heater)
 
     async def send_log_files(self):
+        backlog = self.thermostat.backlog
         async with self._sending_files:     # one sender at a time keeps files in order
-            for logfile in self.thermostat.take_finished():
+            # a file leaves the backlog once sent; a stopping driver sends nothing, so it stays
+            while backlog and not self.stop:
+                logfile = backlog[0]
                 await send_blob(self.device["logsvector"], "templogs", logfile.content())
                 logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
+                if backlog and backlog[0] is logfile:   # unless a full backlog dropped it meanwhile
+                    backlog.popleft()
 
 
 # ---------------------------------------------------------------------------
@@ -623,7 +632,7 @@ VERIFIED_ON = {"indipydriver": "3.1.2", "indipyserver": "0.0.6"}
 
 def check_foundation():
     "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
-    needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"),
+    needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"), (IPyDriver, "send"),
               (IPyServer, "_runserver"), (IPyServer, "handle_data"), (IPyServer, "_broadcast"),
               (IPyServer, "_send_keepalive"), (IPyDriver, "_monitorsnoop"),
               (ipyserver, "_DriverComms"), (ipyserver._ClientConnection, "handle_data"),
@@ -637,6 +646,7 @@ def check_foundation():
         missing.append("PropertyVector._message")
     if getattr(IPyDriver(), "_commsobj", "missing") is not None:
         missing.append("IPyDriver._commsobj")
+
     if missing:
         raise RuntimeError(f"thermostat.py was verified on {VERIFIED_ON}; this installation lacks "
                            f"{', '.join(missing)}: install the pinned versions")
@@ -645,11 +655,14 @@ def check_foundation():
         logger.warning("verified on %s, running on %s", VERIFIED_ON, installed)
 
 
-def forget_message(vector):
+def forget_message(device, xmldata):
     """indipydriver 3.1.x ignores an empty message, so a vector repeats its
     last message (say, a rejection) in every later update and definition.
-    Called after each send, so that a message goes out once."""
-    vector._message = ""
+    Called as each element goes out, before anything else can run, so that
+    a message goes out once: cleared only after the send had returned, it
+    was repeated by a definition that a concurrent getProperties sent."""
+    if xmldata.get("message") and xmldata.get("name") in device:
+        device[xmldata.get("name")]._message = ""
 
 
 async def send_blob(vector, membername, content):
@@ -853,6 +866,35 @@ class _RelayingRemoteConnection(RemoteConnection):
         await super()._run_rx()
 
 
+class _ClientProtocol(asyncio.StreamReaderProtocol):
+    """How ThermoServer reads a client. indi_setprop sends its request and
+    closes at once, without reading the definitions it asked for: our next
+    write to it fails, and asyncio then closes the socket with the request
+    still unread in it, so the request was lost (a race that indipyserver
+    0.0.6 loses more often the faster it answers). Here a connection lost
+    on an error first reads what the client had sent, then ends as a
+    normal end of stream."""
+
+    def __init__(self, client_connected):
+        self.reader = asyncio.StreamReader(limit=65536)
+        super().__init__(self.reader, client_connected)
+
+    def connection_made(self, transport):
+        self._socket = transport.get_extra_info("socket")
+        super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        if exc is not None:
+            with self._socket.dup() as sock:        # the transport closes its own after this call
+                sock.setblocking(False)
+                try:
+                    while data := sock.recv(65536):
+                        self.reader.feed_data(data)
+                except OSError:
+                    pass                            # nothing more to read, or the reset itself
+        super().connection_lost(None)
+
+
 def server_message(text):
     return ET.Element("message", timestamp=indi_timestamp(datetime.now(timezone.utc)), message=text)
 
@@ -876,7 +918,7 @@ class _ClientLink(ipyserver._ClientConnection):
 
     async def _client_rx(self):
         stream = _IndiStream()
-        while self.connected and (data := await self.reader.read(65536)):
+        while data := await self.reader.read(65536):
             for element in stream.feed(data):
                 await self._receive(element)
 
@@ -1002,7 +1044,8 @@ class ThermoServer(IPyServer):
 
     async def _runserver(self):
         try:
-            self.server = await asyncio.start_server(self.handle_data, self.host, self.port)
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: _ClientProtocol(self.handle_data), self.host, self.port)
         except OSError as exc:
             self.failure = f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             self.shutdown()

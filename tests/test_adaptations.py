@@ -81,13 +81,13 @@ def test_clients_that_reset_their_connection_leave_no_traceback():
 
 
 class Recorder:
-    "Stands in for the server: records what a driver sends."
+    "Stands in for the driver's link to a server: records what the driver sends."
 
     def __init__(self, driver):
         self.sent = []
-        driver.send = self.send
+        driver._commsobj = self
 
-    async def send(self, xmldata):
+    async def run_tx(self, xmldata):
         self.sent.append(xmldata)
 
 

@@ -12,9 +12,12 @@ class SlowLink:
     def __init__(self, driver, delay):
         self.delay = delay
         self.sent = []
-        driver.send = self.send
+        driver._commsobj = self             # the driver's link to a server
 
-    async def send(self, xmldata):
+    def shutdown(self):
+        pass
+
+    async def run_tx(self, xmldata):
         await asyncio.sleep(self.delay)
         self.sent.append(xmldata)
 

@@ -84,6 +84,21 @@ def test_indi_setprop_sets_the_target_in_any_number_format(served, sent, stored)
     wait_for_prop(server.port, "Thermostat.targetvector.target", stored)
 
 
+def test_every_indi_setprop_request_arrives(served):
+    """indi_setprop sends its request and closes without reading what it asked
+    for: the server's next write to it fails, and the request must not be
+    lost with the connection."""
+    server = served()
+    watcher = server.client()
+    watcher.send(GET_ALL)
+    for tenth in range(20):
+        value = f"{20 + tenth / 10:.2f}"
+        setprop(server.port, f"Thermostat.targetvector.target={value}")
+        watcher.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector"
+                       and [m.text.strip() for m in e] == [value], timeout=3, what=f"target {value}")
+    watcher.close()
+
+
 @pytest.mark.parametrize("sent", ["warm", "nan", "inf", "150", "-51"])
 def test_indi_setprop_rejection_sets_alert_and_keeps_the_target(served, sent):
     server = served()
