@@ -885,13 +885,13 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc):
         if exc is not None:
-            with self._socket.dup() as sock:        # the transport closes its own after this call
-                sock.setblocking(False)
-                try:
+            try:
+                with self._socket.dup() as sock:    # the transport closes its own after this call
+                    sock.setblocking(False)
                     while data := sock.recv(65536):
                         self.reader.feed_data(data)
-                except OSError:
-                    pass                            # nothing more to read, or the reset itself
+            except OSError:
+                pass                                # nothing more to read, or the reset itself
         super().connection_lost(None)
 
 
