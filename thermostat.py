@@ -122,7 +122,7 @@ class ThermalControl:
     HEATING_STEP up (heater on) or down (heater off) and switches the heater
     around target +/- HYSTERESIS. While logging, every reading goes into the
     current log file, which is cut every log_period seconds; finished files
-    wait in a bounded backlog until taken, and are also written to log_dir."""
+    wait in a bounded backlog until sent, and are also written to log_dir."""
 
     def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0,
                  log_period=300.0, log_dir=None, max_backlog=16):
@@ -177,11 +177,14 @@ class ThermalControl:
             self._finish_file()
             self._logfile = None
 
-    def take_finished(self):
-        "Remove and return the finished files, oldest first."
-        files = list(self.backlog)
-        self.backlog.clear()
-        return files
+    def next_unsent(self):
+        "The oldest finished file not yet sent, or None."
+        return self.backlog[0] if self.backlog else None
+
+    def sent(self, logfile):
+        "logfile has gone out: it leaves the backlog (unless a full backlog dropped it meanwhile)."
+        if self.backlog and self.backlog[0] is logfile:
+            self.backlog.popleft()
 
     def _finish_file(self):
         logfile = self._logfile
@@ -413,15 +416,12 @@ class ThermoDriver(IPyDriver):
             await self.publish(heater)
 
     async def send_log_files(self):
-        backlog = self.thermostat.backlog
         async with self._sending_files:     # one sender at a time keeps files in order
-            # a file leaves the backlog once sent; a stopping driver sends nothing, so it stays
-            while backlog and not self.stop:
-                logfile = backlog[0]
+            # a stopping driver sends nothing: its files stay in the backlog
+            while not self.stop and (logfile := self.thermostat.next_unsent()):
                 await send_blob(self.device["logsvector"], "templogs", logfile.content())
+                self.thermostat.sent(logfile)
                 logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
-                if backlog and backlog[0] is logfile:   # unless a full backlog dropped it meanwhile
-                    backlog.popleft()
 
 
 # ---------------------------------------------------------------------------
@@ -646,7 +646,6 @@ def check_foundation():
         missing.append("PropertyVector._message")
     if getattr(IPyDriver(), "_commsobj", "missing") is not None:
         missing.append("IPyDriver._commsobj")
-
     if missing:
         raise RuntimeError(f"thermostat.py was verified on {VERIFIED_ON}; this installation lacks "
                            f"{', '.join(missing)}: install the pinned versions")
@@ -954,9 +953,10 @@ class _ClientLink(ipyserver._ClientConnection):
 
 class ThermoServer(IPyServer):
     """IPyServer as make_server returns it. Against indipyserver 0.0.6:
-    closed clients and remote links end cleanly (no CPU spin, no traceback); a port that cannot be opened,
-    or an exception in any driver, is recorded in self.failure (so that the
-    command line exits non-zero) instead of ending silently with status 0."""
+    closed clients and remote links end cleanly (no CPU spin, no traceback);
+    a port that cannot be opened, or an exception in any driver, is recorded
+    in self.failure (so that the command line exits non-zero) instead of
+    ending silently with status 0; and an idle server sleeps."""
 
     def __init__(self, *drivers, **kwargs):
         super().__init__(*drivers, **kwargs)

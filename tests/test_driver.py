@@ -47,6 +47,6 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
     assert len(logged) > 100, "the thermostat kept its pace regardless"
     sent_rows = [row for xml in link.sent if xml.tag == "setBLOBVector"
                  for row in base64.b64decode(xml.find("oneBLOB").text).decode().splitlines()[1:]]
-    unsent_rows = [row for logfile in driver.thermostat.take_finished() for row in logfile.rows]
+    unsent_rows = [row for logfile in driver.thermostat.backlog for row in logfile.rows]
     assert sent_rows + [row.strip() for row in unsent_rows] == logged
     assert len(sent_rows) > 0

@@ -12,6 +12,15 @@ from thermostat import HYSTERESIS, LogFile, ThermalControl, indi_timestamp, pars
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
+def take_finished(control):
+    "Send every finished file as the driver does, oldest first; return them."
+    files = []
+    while logfile := control.next_unsent():
+        control.sent(logfile)
+        files.append(logfile)
+    return files
+
+
 def polls(control, count, every=10.0, start=START):
     "Step control count times, every seconds apart; return the readings."
     return [control.step(start + timedelta(seconds=every * i)) for i in range(count)]
@@ -74,19 +83,19 @@ def test_no_log_rows_while_logging_is_off():
     control = ThermalControl(log_period=30)
     polls(control, 10)
     control.stop_logging()
-    assert control.take_finished() == []
+    assert take_finished(control) == []
 
 
 def test_files_are_cut_every_log_period():
     control = ThermalControl(log_period=60)
     control.start_logging(START)
     readings = polls(control, 20, every=10)            # 0..190 s
-    files = control.take_finished()
+    files = take_finished(control)
     # cut when a reading reaches 60, 120 and 180 s: three files of six readings
     assert [len(f.rows) for f in files] == [6, 6, 6]
     assert files[1].rows[0].startswith(indi_timestamp(readings[6].timestamp))
     control.stop_logging()
-    assert [len(f.rows) for f in control.take_finished()] == [2]
+    assert [len(f.rows) for f in take_finished(control)] == [2]
 
 
 def test_csv_format_matches_indi_timestamp():
@@ -95,7 +104,7 @@ def test_csv_format_matches_indi_timestamp():
     moment = START + timedelta(seconds=1, microseconds=250000)
     reading = control.step(moment)
     control.stop_logging()
-    (logfile,) = control.take_finished()
+    (logfile,) = take_finished(control)
     assert logfile.content() == f"timestamp,temperature\n{indi_timestamp(moment)},{reading.temperature:.2f}\n".encode()
     assert indi_timestamp(moment) == "2026-01-01T00:00:01.250000"
     assert logfile.name == "Thermostat-2026-01-01T00:00:01.250000.csv"
@@ -105,7 +114,7 @@ def test_empty_partial_file_is_not_sent():
     control = ThermalControl()
     control.start_logging(START)
     control.stop_logging()
-    assert control.take_finished() == []
+    assert take_finished(control) == []
 
 
 def test_every_reading_logged_once_in_order_across_on_off_and_irregular_polls():
@@ -125,9 +134,9 @@ def test_every_reading_logged_once_in_order_across_on_off_and_irregular_polls():
         if logging_now:
             logged.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
         if rng.random() < 0.3:                   # the sender takes files at irregular times
-            files += control.take_finished()
+            files += take_finished(control)
     control.stop_logging()
-    files += control.take_finished()
+    files += take_finished(control)
     assert len(logged) > 500
     assert rows_of(files) == logged
 
@@ -140,7 +149,7 @@ def test_backlog_is_bounded_and_dropping_is_logged(caplog):
     assert len(control.backlog) == 3
     assert caplog.text.count("log backlog full") == 3
     # the newest files are kept
-    assert control.take_finished()[-1].rows[0].startswith(indi_timestamp(START + timedelta(seconds=50)))
+    assert take_finished(control)[-1].rows[0].startswith(indi_timestamp(START + timedelta(seconds=50)))
 
 
 def test_log_dir_keeps_every_finished_file_even_when_dropped_from_backlog(tmp_path):
