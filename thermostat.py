@@ -252,7 +252,6 @@ class ThermoDriver(IPyDriver):
         self.log = logger.getChild(device.devicename)   # this device's; DEBUG sets its level
         self.debug_logging(debug)
         self.defaults = self.saved_requests()           # what CONFIG_DEFAULT restores
-        self.rejections = 0                 # requests refused so far
         self._settling = None               # while saved settings are applied: the problems found
         self._saver = None                  # the task writing the configuration file
         self._save_wanted = False
@@ -279,7 +278,6 @@ class ThermoDriver(IPyDriver):
             logger.exception("%s: failed to handle <%s>", self.device.devicename, root.tag)
 
     async def rxevent(self, event):
-        rejections = self.rejections
         try:
             match event:
                 case newNumberVector(vectorname="targetvector"):
@@ -302,7 +300,7 @@ class ThermoDriver(IPyDriver):
             logger.exception("%s: failed to handle %s", self.device.devicename, event.root.tag)
             await self.reject(event.vector, "internal error handling this request; see the driver's log",
                               level="ERROR")
-        accepted = self.rejections == rejections
+        accepted = event.vector.state != "Alert"
         if accepted and event.vectorname in SAVED_PROPERTIES and self._settling is None:
             self.save_soon()
 
@@ -363,8 +361,7 @@ class ThermoDriver(IPyDriver):
 
     async def reject(self, vector, message, level="WARNING"):
         "Answer a request that cannot be carried out: Alert, the values unchanged, and why."
-        self.rejections += 1
-        if self._settling is not None:
+        if self._settling is not None:      # a saved setting, not a client's request
             self._settling.append(f"{vector.name}: {message}")
             return
         logger.log(logging.getLevelName(level), "%s.%s: %s", self.device.devicename, vector.name, message)
@@ -372,7 +369,6 @@ class ThermoDriver(IPyDriver):
 
     async def refuse(self, name, message):
         "Answer a request that has no vector to answer on (unknown or read-only) with a device message."
-        self.rejections += 1
         logger.warning("%s.%s: %s", self.device.devicename, name, message)
         await self.device.send_device_message(message=f"[WARNING] {name}: {message}")
 
@@ -407,7 +403,7 @@ class ThermoDriver(IPyDriver):
         "Log this device's debug detail, and the XML it exchanges, or stop."
         self.log.setLevel(logging.DEBUG if enable else logging.NOTSET)
         self.debug_enable = enable          # indipydriver logs the XML of drivers that enable it
-        if enable:
+        if enable:                          # it logs only for drivers with debug_enable
             logging.getLogger(IPyDriver.__module__).setLevel(logging.DEBUG)
 
     async def process_config(self, event):
