@@ -20,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import thermostat  # noqa: E402
 
+# Peers started by the tests (indiserver among them) run the indi_thermostat installed
+# beside the Python that runs the tests, e.g. in .venv/bin, activated or not.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 FAST = ["--poll-interval", "0.05", "--log-period", "0.5"]
 
 

@@ -386,3 +386,13 @@ def test_indi_thermostat_help_says_it_speaks_stdio():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "stdin/stdout" in text and "listens on TCP" not in text and "-p 7624" in text
+
+
+def test_ci_runs_exactly_the_readmes_commands():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(sudo apt-get update [^\n]*)\n```", readme)
+    assert len(commands) == 2, "the README's first commands: install and run, then test"
+    install, test = commands
+    assert install.endswith(".venv/bin/python thermostat.py") and test.endswith("-m pytest")
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test in ci_lines
