@@ -222,6 +222,7 @@ class ThermalControl:
 # The properties kept in the configuration file, as libindi's drivers keep theirs.
 SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", "DEBUG")
 CONFIG_MAX_BYTES = 64 * 1024        # a saved configuration is a few hundred bytes
+SAVE_SPACING = 0.1                  # seconds between writes of the file in a burst of changes
 MESSAGE_LEVELS = ("[INFO] ", "[WARNING] ", "[ERROR] ")
 
 
@@ -487,9 +488,10 @@ class ThermoDriver(IPyDriver):
             write_config(self.config, self.device.devicename, self.saved_requests())
 
     def save_soon(self):
-        """Have the configuration saved, by a task that writes in a worker
-        thread (the answer to a request does not wait for the disk) and,
-        after a burst of changes, writes the latest values once."""
+        """Have the configuration saved at once, by a task that writes in a
+        worker thread (the answer to a request does not wait for the disk);
+        a burst of changes is written at most every SAVE_SPACING seconds,
+        the latest values last."""
         self._save_wanted = self.config is not None
         if self._save_wanted and (self._saver is None or self._saver.done()):
             self._saver = asyncio.get_running_loop().create_task(self._save_while_wanted())
@@ -504,6 +506,7 @@ class ThermoDriver(IPyDriver):
                 problem = config_problem(self.config, exc)
                 logger.warning("%s: %s", self.device.devicename, problem)
                 await self.device.send_device_message(message=f"[WARNING] a change was not saved: {problem}")
+            await asyncio.sleep(SAVE_SPACING)
 
     # -- readings out -------------------------------------------------------
 
