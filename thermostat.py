@@ -624,7 +624,12 @@ def new_request(vector):
     return request
 
 
+REQUEST_TAGS = ("newTextVector", "newNumberVector", "newSwitchVector")
+
+
 def _read_config_root(path):
+    if Path(path).exists() and not Path(path).is_file():
+        raise ValueError("not a regular file")     # a FIFO would hold the driver up at open()
     with open(path, "rb") as file:
         data = file.read(CONFIG_MAX_BYTES + 1)
     if len(data) > CONFIG_MAX_BYTES:
@@ -648,8 +653,9 @@ def read_config(path, devicename):
     for request in _read_config_root(path):
         if request.get("device") != devicename:
             continue                        # another device's, in a file they share
-        if not request.tag.startswith("new") or request.get("name") not in SAVED_PROPERTIES:
-            raise ValueError(f"<{request.tag} name={request.get('name')!r}> is not a saved property")
+        if request.tag not in REQUEST_TAGS or request.get("name") not in SAVED_PROPERTIES:
+            raise ValueError(f"<{request.tag[:40]} name={request.get('name', '')[:40]!r}> "
+                             f"is not a saved property")
         requests.append(request)
     return requests
 
@@ -659,8 +665,9 @@ def write_config(path, devicename, requests):
     format, keeping other devices' entries; atomically, so that a crash
     leaves the old file or the new one."""
     path = Path(path)
-    try:
-        others = [e for e in _read_config_root(path) if e.get("device") != devicename]
+    try:        # other devices' requests, if they are plain ones
+        others = [e for e in _read_config_root(path) if e.get("device") != devicename
+                  and e.tag in REQUEST_TAGS and not any(len(member) for member in e)]
     except (OSError, ValueError):
         others = []
     root = ET.Element("INDIDriver")

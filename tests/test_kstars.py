@@ -3,11 +3,13 @@ libindi's configuration file through CONFIG_PROCESS, DEBUG at run time."""
 
 import asyncio
 import logging
+import os
 import re
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -325,8 +327,9 @@ def test_a_file_that_cannot_be_used_gives_one_warning_and_the_defaults(content, 
     assert not driver.debug_enable and driver.device["CONNECTION"]["CONNECT"] == "On"
 
 
-def test_an_unreadable_file_gives_one_warning_and_the_thermostat_serves(started, indi_config):
-    indi_config.mkdir()                                 # a folder where the file should be
+@pytest.mark.parametrize("make", [Path.mkdir, os.mkfifo], ids=["a folder", "a FIFO"])
+def test_an_unreadable_file_gives_one_warning_and_the_thermostat_serves(started, indi_config, make):
+    make(indi_config)                                   # where the file should be
     server = started(*FAST)
     client = server.client()
     client.send(GET_ALL)
