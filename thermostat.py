@@ -436,6 +436,13 @@ class ThermoDriver(IPyDriver):
                 case "CONFIG_PURGE":
                     self.config.unlink()
                     done = f"Configuration file {self.config} purged."
+        except FileNotFoundError:
+            if wanted[0] == "CONFIG_LOAD":  # as libindi: Alert, and news rather than a warning
+                await self.reject(vector, f"No saved configuration in {self.config} yet; "
+                                          f"changes are saved there as they are made.", level="INFO")
+            else:
+                await self.reject(vector, f"There is no configuration file {self.config}.")
+            return
         except (OSError, ValueError) as exc:
             await self.reject(vector, config_problem(self.config, exc))
             return
@@ -808,8 +815,9 @@ def parse_args(argv=None, prog="thermostat.py"):
         description = what + ("This is its executable driver: it speaks INDI on stdin/stdout, "
                               "as libindi's indiserver runs drivers. To serve it on TCP, use "
                               "'python thermostat.py' instead.")
-        epilog = ("run it under libindi's server, then, from another terminal:\n"
-                  "  indiserver -v indi_thermostat                   # listens on port 7624\n"
+        epilog = ("run it under libindi's server, which listens on port 7624:\n"
+                  "  indiserver -v indi_thermostat\n"
+                  "then, from another terminal:\n"
                   "  indi_getprop -p 7624                            # every property\n"
                   "  indi_setprop -p 7624 'Thermostat.targetvector.target=21'")
     else:
