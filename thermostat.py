@@ -15,8 +15,11 @@ import collections
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -216,6 +219,13 @@ class ThermalControl:
 # The INDI driver: client requests in, thermostat readings out.
 # ---------------------------------------------------------------------------
 
+# The properties kept in the configuration file, as libindi's drivers keep theirs.
+SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", "DEBUG")
+CONFIG_MAX_BYTES = 64 * 1024        # a saved configuration is a few hundred bytes
+SAVE_SPACING = 0.1                  # seconds between writes of the file in a burst of changes
+MESSAGE_LEVELS = ("[INFO] ", "[WARNING] ", "[ERROR] ")
+
+
 class ThermoDriver(IPyDriver):
     """Serves one ThermalControl as one INDI device.
 
@@ -224,13 +234,28 @@ class ThermoDriver(IPyDriver):
     client that does not read stalls the server's sends), live readings are
     dropped; log rows never are, and the thermostat keeps regulating.
     Every client request gets an answer: the new state, or Alert with a
-    message saying what was wrong."""
+    message saying what was wrong.
 
-    def __init__(self, device, thermostat, poll_interval):
+    The SAVED_PROPERTIES are kept in a configuration file (config: a path,
+    or None for none) as libindi's drivers keep theirs: every accepted
+    change is saved at once, and at start the saved values apply, except
+    to the properties named in `given` (values given explicitly, as on a
+    command line). Saved values pass the same checks as a client's
+    requests, and can do nothing that a client's request could not."""
+
+    def __init__(self, device, thermostat, poll_interval, config=None, given=(), debug=False):
         super().__init__(device, thermostat=thermostat)
         self.device = device
         self.thermostat = thermostat
         self.poll_interval = poll_interval
+        self.config = Path(config) if config is not None else None
+        self.given = frozenset(given)
+        self.log = logger.getChild(device.devicename)   # this device's; DEBUG sets its level
+        self.debug_logging(debug)
+        self.defaults = self.saved_requests()           # what CONFIG_DEFAULT restores
+        self._settling = None               # while saved settings are applied: the problems found
+        self._saver = None                  # the task writing the configuration file
+        self._save_wanted = False
         self.connected = True               # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
@@ -266,11 +291,19 @@ class ThermoDriver(IPyDriver):
                     await self.set_poll_interval(event)
                 case newNumberVector(vectorname="logperiodvector"):
                     await self.set_log_period(event)
+                case newSwitchVector(vectorname="DEBUG"):
+                    await self.set_debug(event)
+                case newSwitchVector(vectorname="CONFIG_PROCESS"):
+                    await self.process_config(event)
                 case _:
                     await self.reject(event.vector, f"{event.root.tag} is not handled for {event.vectorname}")
         except Exception:
             logger.exception("%s: failed to handle %s", self.device.devicename, event.root.tag)
-            await self.reject(event.vector, "internal error handling this request; see the driver's log")
+            await self.reject(event.vector, "internal error handling this request; see the driver's log",
+                              level="ERROR")
+        accepted = event.vector.state != "Alert"
+        if accepted and event.vectorname in SAVED_PROPERTIES and self._settling is None:
+            self.save_soon()
 
     async def set_target(self, event):
         target = await self.checked_number(event, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
@@ -327,25 +360,170 @@ class ThermoDriver(IPyDriver):
         temperature = self.device["temperaturevector"]
         await self.publish(temperature, state="Ok" if self.connected else "Idle")
 
-    async def reject(self, vector, message):
+    async def reject(self, vector, message, level="WARNING"):
         "Answer a request that cannot be carried out: Alert, the values unchanged, and why."
-        logger.warning("%s.%s: %s", self.device.devicename, vector.name, message)
-        await self.publish(vector, message=message, state="Alert")
+        if self._settling is not None:      # a saved setting, not a client's request
+            self._settling.append(f"{vector.name}: {message}")
+            return
+        logger.log(logging.getLevelName(level), "%s.%s: %s", self.device.devicename, vector.name, message)
+        await self.publish(vector, message=f"[{level}] {message}", state="Alert")
 
     async def refuse(self, name, message):
         "Answer a request that has no vector to answer on (unknown or read-only) with a device message."
         logger.warning("%s.%s: %s", self.device.devicename, name, message)
-        await self.device.send_device_message(message=f"{name}: {message}")
+        await self.device.send_device_message(message=f"[WARNING] {name}: {message}")
 
     async def publish(self, vector, message="", **kwargs):
         await vector.send_setVector(message=message, **kwargs)
 
     async def send(self, xmldata):
         "Everything this driver sends passes here (indipydriver's hook)."
+        if self._settling is not None and (xmldata.tag == "message" or xmldata.get("name") in SAVED_PROPERTIES):
+            return                          # saved settings being applied: the outcome goes out after
         forget_message(self.device, xmldata)
+        as_libindi_message(xmldata)
         await super().send(xmldata)
 
+    # -- DEBUG and the configuration file (CONFIG_PROCESS), as libindi's --
+
+    async def set_debug(self, event):
+        wanted = [name for name, value in event.items() if value == "On"]
+        if len(wanted) != 1:
+            await self.reject(event.vector, "DEBUG takes exactly one of ENABLE and DISABLE On")
+            return
+        enable = wanted == ["ENABLE"]
+        changed = enable != (event.vector["ENABLE"] == "On")
+        self.debug_logging(enable)
+        event.vector["ENABLE"] = "On" if enable else "Off"
+        event.vector["DISABLE"] = "Off" if enable else "On"
+        await self.publish(event.vector, state="Ok")
+        if changed:
+            await self.device.send_device_message(message=f"Debug is {'enabled' if enable else 'disabled'}.")
+
+    def debug_logging(self, enable):
+        "Log this device's debug detail, and the XML it exchanges, or stop."
+        self.log.setLevel(logging.DEBUG if enable else logging.NOTSET)
+        self.debug_enable = enable          # indipydriver logs the XML of drivers that enable it
+        if enable:                          # it logs only for drivers with debug_enable
+            logging.getLogger(IPyDriver.__module__).setLevel(logging.DEBUG)
+
+    async def process_config(self, event):
+        vector = event.vector
+        wanted = [name for name, value in event.items() if value == "On"]
+        if len(wanted) > 1:
+            await self.reject(vector, "CONFIG_PROCESS takes at most one action On")
+            return
+        for name in vector:
+            vector[name] = "Off"            # actions, not states
+        if not wanted:
+            await self.publish(vector, state="Idle")
+            return
+        if self.config is None:
+            await self.reject(vector, "this thermostat keeps no configuration file")
+            return
+        try:
+            match wanted[0]:
+                case "CONFIG_LOAD":
+                    await self.apply_saved(read_config(self.config, self.device.devicename))
+                    done = f"Device configuration applied from {self.config}."
+                case "CONFIG_SAVE":
+                    self.save_config()
+                    done = f"Device configuration saved to {self.config}."
+                case "CONFIG_DEFAULT":
+                    await self.apply_saved(self.defaults)
+                    self.save_config()
+                    done = "Default configuration loaded and saved."
+                case "CONFIG_PURGE":
+                    self.config.unlink()
+                    done = f"Configuration file {self.config} purged."
+        except FileNotFoundError:
+            if wanted[0] == "CONFIG_LOAD":  # as libindi: Alert, and news rather than a warning
+                await self.reject(vector, f"No saved configuration in {self.config} yet; "
+                                          f"changes are saved there as they are made.", level="INFO")
+            else:
+                await self.reject(vector, f"There is no configuration file {self.config}.")
+            return
+        except (OSError, ValueError) as exc:
+            await self.reject(vector, config_problem(self.config, exc))
+            return
+        await self.publish(vector, state="Ok", message=done)
+
+    async def load_config_at_start(self):
+        """Apply the saved settings but those given explicitly; a file that
+        cannot be used leaves the settings as they were, with one warning."""
+        if self.config is None:
+            return
+        try:
+            requests = read_config(self.config, self.device.devicename)
+            await self.apply_saved([r for r in requests if r.get("name") not in self.given], publish=False)
+        except FileNotFoundError:
+            self.log.debug("no saved configuration in %s yet", self.config)    # a first start
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: %s; starting with the defaults", self.device.devicename,
+                           config_problem(self.config, exc))
+
+    def saved_requests(self):
+        "The SAVED_PROPERTIES' current values, as new*Vector requests."
+        return [new_request(self.device[name]) for name in SAVED_PROPERTIES if name in self.device]
+
+    async def apply_saved(self, requests, publish=True):
+        """Apply saved settings (new*Vector requests) through the checks of a
+        client's requests: all of them, or, if any is refused, none (then
+        raise ValueError saying why)."""
+        before = self.saved_requests()
+        problems = await self._settle(requests)
+        if problems:
+            await self._settle(before)
+            raise ValueError("; ".join(problems))
+        if publish:
+            for name in SAVED_PROPERTIES:
+                if name in self.device:
+                    await self.publish(self.device[name])
+
+    async def _settle(self, requests):
+        self._settling = problems = []
+        try:
+            for request in requests:
+                await self._readdata(request)       # the path of a client's request
+        finally:
+            self._settling = None
+        return problems
+
+    def save_config(self):
+        "Write the saved properties' values to the configuration file now (raises OSError)."
+        if self.config is not None:
+            write_config(self.config, self.device.devicename, self.saved_requests())
+
+    def save_soon(self):
+        """Have the configuration saved at once, by a task that writes in a
+        worker thread (the answer to a request does not wait for the disk);
+        a burst of changes is written at most every SAVE_SPACING seconds,
+        the latest values last."""
+        self._save_wanted = self.config is not None
+        if self._save_wanted and (self._saver is None or self._saver.done()):
+            self._saver = asyncio.get_running_loop().create_task(self._save_while_wanted())
+
+    async def _save_while_wanted(self):
+        while self._save_wanted:
+            self._save_wanted = False
+            requests = self.saved_requests()
+            try:
+                await asyncio.to_thread(write_config, self.config, self.device.devicename, requests)
+            except OSError as exc:
+                problem = config_problem(self.config, exc)
+                logger.warning("%s: %s", self.device.devicename, problem)
+                await self.device.send_device_message(message=f"[WARNING] a change was not saved: {problem}")
+            await asyncio.sleep(SAVE_SPACING)
+
     # -- readings out -------------------------------------------------------
+
+    async def asyncrun(self):
+        await self.load_config_at_start()  # before any request is read, or any definition sent
+        try:
+            await super().asyncrun()
+        finally:
+            if self._saver is not None:
+                await self._saver           # the last change reaches the file
 
     async def hardware(self):
         async with asyncio.TaskGroup() as tasks:
@@ -388,7 +566,10 @@ class ThermoDriver(IPyDriver):
             self.readings.put_nowait(reading)
         except asyncio.QueueFull:
             self.dropped_readings += 1
-            logger.debug("%s: updates are behind, live reading dropped", self.device.devicename)
+            self.log.debug("updates are behind, live reading dropped")
+            return
+        self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
+                       "on" if reading.heater_on else "off", self.thermostat.target)
 
     async def update_loop(self):
         while (reading := await self.readings.get()) is not None and not self.stop:
@@ -424,6 +605,101 @@ class ThermoDriver(IPyDriver):
                 logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
 
 
+def as_libindi_message(xmldata):
+    """Give a message going out (a <message>, or a vector's message) the form
+    of libindi's, the only one KStars shows: a whole-second timestamp, and a
+    level prefix, "[INFO] " unless it has one."""
+    text = xmldata.get("message")
+    if text:
+        if not text.startswith(MESSAGE_LEVELS):
+            xmldata.set("message", "[INFO] " + text)
+        timestamp = xmldata.get("timestamp") or indi_timestamp(datetime.now(timezone.utc))
+        xmldata.set("timestamp", timestamp[:len("YYYY-MM-DDTHH:MM:SS")])
+
+
+def config_path(devicename):
+    "Where libindi keeps a device's configuration: the file $INDICONFIG names, else ~/.indi/<device>_config.xml."
+    return Path(os.environ.get("INDICONFIG") or Path.home() / ".indi" / f"{devicename}_config.xml")
+
+
+def new_request(vector):
+    "The new*Vector request that sets vector to its current values, as libindi saves a property."
+    request = ET.Element(f"new{vector.vectortype}", device=vector.devicename, name=vector.name)
+    for name in vector:
+        member = ET.SubElement(request, f"one{vector.vectortype.removesuffix('Vector')}", name=name)
+        member.text = str(vector[name])
+    return request
+
+
+REQUEST_TAGS = ("newTextVector", "newNumberVector", "newSwitchVector")
+
+
+def _read_config_root(path):
+    if Path(path).exists() and not Path(path).is_file():
+        raise ValueError("not a regular file")     # a FIFO would hold the driver up at open()
+    with open(path, "rb") as file:
+        data = file.read(CONFIG_MAX_BYTES + 1)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ValueError(f"larger than {CONFIG_MAX_BYTES} bytes")
+    if re.search(rb"<!(DOCTYPE|ENTITY)", data):
+        raise ValueError("it declares a DOCTYPE or entities")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise ValueError(f"not XML ({exc})") from None
+    if root.tag != "INDIDriver":
+        raise ValueError(f"its root is <{root.tag}>, not <INDIDriver>")
+    return root
+
+
+def read_config(path, devicename):
+    """The requests saved for devicename in a configuration file in
+    libindi's format; raise OSError, or ValueError if the file holds
+    anything but saved properties."""
+    requests = []
+    for request in _read_config_root(path):
+        if request.get("device") != devicename:
+            continue                        # another device's, in a file they share
+        if request.tag not in REQUEST_TAGS or request.get("name") not in SAVED_PROPERTIES:
+            raise ValueError(f"<{request.tag[:40]} name={request.get('name', '')[:40]!r}> "
+                             f"is not a saved property")
+        requests.append(request)
+    return requests
+
+
+def write_config(path, devicename, requests):
+    """Write devicename's requests to a configuration file, in libindi's
+    format, keeping other devices' entries; atomically, so that a crash
+    leaves the old file or the new one."""
+    path = Path(path)
+    try:        # other devices' requests, if they are plain ones
+        others = [e for e in _read_config_root(path) if e.get("device") != devicename
+                  and e.tag in REQUEST_TAGS and not any(len(member) for member in e)]
+    except (OSError, ValueError):
+        others = []
+    root = ET.Element("INDIDriver")
+    root.extend([*others, *requests])
+    ET.indent(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with open(descriptor, "wb") as file:
+            file.write(ET.tostring(root) + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+def config_problem(path, exc):
+    "What is wrong with a configuration file, in one line."
+    if isinstance(exc, OSError):
+        return f"configuration file {path}: {exc.strerror or exc}"
+    return f"configuration file {path} not used: {exc}"
+
+
 # ---------------------------------------------------------------------------
 # Assembly: the device and its properties, and the server to serve it.
 # ---------------------------------------------------------------------------
@@ -434,12 +710,28 @@ POLL_PERIOD_MS = (10, 600000)        # libindi's POLLING_PERIOD range
 LOG_PERIOD_S = (0.1, 31 * 86400)
 
 
-def make_driver(devicename="Thermostat", *, target=15.0, poll_interval=10.0,
-                log_period=300.0, log_dir=None):
+DEFAULTS = dict(target=15.0, poll_interval=10.0, log_period=300.0, debug=False)
+GIVEN_AS = dict(target="targetvector", poll_interval="POLLING_PERIOD", log_period="logperiodvector",
+                debug="DEBUG")                      # the saved property each setting is kept in
+
+
+def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log_period=None,
+                debug=None, log_dir=None, config=True):
     """Return a ThermoDriver for a new simulated thermostat, ready to serve
     with make_server(driver), beside other drivers in any IPyServer, or on
-    stdin/stdout with serve_stdio(driver)."""
+    stdin/stdout with serve_stdio(driver).
+
+    Its settings are kept in the configuration file `config`: True for
+    libindi's place (config_path), a path, or None to keep none. Settings
+    given here win over saved ones; those left out (None) come from the
+    file, else from DEFAULTS."""
     check_foundation()
+    settings = dict(target=target, poll_interval=poll_interval, log_period=log_period, debug=debug)
+    given = {GIVEN_AS[name] for name, value in settings.items() if value is not None}
+    target, poll_interval, log_period, debug = (DEFAULTS[name] if value is None else value
+                                                for name, value in settings.items())
+    if config is True:
+        config = config_path(devicename)
     if not poll_interval > 0 or not log_period > 0:
         raise ValueError("poll_interval and log_period must be positive numbers of seconds")
     thermostat = ThermalControl(devicename, target=target, log_period=log_period, log_dir=log_dir)
@@ -474,8 +766,17 @@ def make_driver(devicename="Thermostat", *, target=15.0, poll_interval=10.0,
                          max=LOG_PERIOD_S[1], step=60, membervalue=f"{log_period:g}")]),
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
+        SwitchVector("DEBUG", "Debug", "Options", "rw", "OneOfMany", "Idle", [
+            SwitchMember("ENABLE", "Enable", membervalue="On" if debug else "Off"),
+            SwitchMember("DISABLE", "Disable", membervalue="Off" if debug else "On")]),
+        SwitchVector("CONFIG_PROCESS", "Configuration", "Options", "rw", "AtMostOne", "Idle", [
+            SwitchMember("CONFIG_LOAD", "Load", membervalue="Off"),
+            SwitchMember("CONFIG_SAVE", "Save", membervalue="Off"),
+            SwitchMember("CONFIG_DEFAULT", "Default", membervalue="Off"),
+            SwitchMember("CONFIG_PURGE", "Purge", membervalue="Off")]),
     ]
-    return ThermoDriver(Device(devicename, properties), thermostat, poll_interval)
+    return ThermoDriver(Device(devicename, properties), thermostat, poll_interval,
+                        config=config, given=given, debug=debug)
 
 
 def make_server(*drivers, host="localhost", port=7624, max_connections=5):
@@ -508,16 +809,30 @@ def _number_type(low, high, kind=float):
 
 
 def parse_args(argv=None, prog="thermostat.py"):
-    parser = _ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a simulated INDI thermostat: a temperature, a target, a heater, "
-                    "and temperature logs sent to clients as CSV files. By default it listens "
-                    "on TCP as its own INDI server; with --stdio it is an executable driver for "
-                    "libindi's indiserver.",
-        epilog="then, from another terminal:\n"
-               "  indi_getprop                                    # every property\n"
-               "  indi_setprop 'Thermostat.targetvector.target=21' # set the target\n"
-               "under libindi's server:  indiserver indi_thermostat")
+    what = ("A simulated INDI thermostat: a temperature, a target, a heater, and temperature "
+            "logs sent to clients as CSV files. ")
+    if prog == DRIVER_EXEC:
+        description = what + ("This is its executable driver: it speaks INDI on stdin/stdout, "
+                              "as libindi's indiserver runs drivers. To serve it on TCP, use "
+                              "'python thermostat.py' instead.")
+        epilog = ("run it under libindi's server, which listens on port 7624:\n"
+                  "  indiserver -v indi_thermostat\n"
+                  "then, from another terminal:\n"
+                  "  indi_getprop -p 7624                            # every property\n"
+                  "  indi_setprop -p 7624 'Thermostat.targetvector.target=21'")
+    else:
+        description = what + ("By default it listens on TCP as its own INDI server; with --stdio "
+                              "it is an executable driver for libindi's indiserver.")
+        epilog = ("then, from another terminal (-p PORT as given to --port, 7624 by default):\n"
+                  "  indi_getprop -p 7624                            # every property\n"
+                  "  indi_setprop -p 7624 'Thermostat.targetvector.target=21'\n"
+                  "under libindi's server:  indiserver indi_thermostat")
+    epilog += "\n\n" + textwrap.fill(
+        "Settings (target, poll interval, log period, debug) are saved at every change in "
+        "$INDICONFIG, else ~/.indi/<device>_config.xml, as libindi's drivers keep theirs; "
+        "options given here win over saved values.", 79)
+    parser = _ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description=textwrap.fill(description, 79), epilog=epilog)
     parser.add_argument("--host", default="localhost",
                         help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_number_type(1, 65535, int), default=7624,
@@ -525,14 +840,15 @@ def parse_args(argv=None, prog="thermostat.py"):
     parser.add_argument("--device", default=os.environ.get("INDIDEV") or "Thermostat",
                         help="INDI device name (default: $INDIDEV, as indiserver's "
                              "'start DRIVER -n NAME' sets it, else Thermostat)")
+    # These default to None, so that make_driver takes the saved value, else its default.
     parser.add_argument("--target", type=_number_type(TEMPERATURE_MIN, TEMPERATURE_MAX),
-                        default=15.0, help="initial target temperature, -50..99 (default: %(default)s)")
+                        help=f"target temperature, -50..99 (default: saved, else {DEFAULTS['target']:g})")
     parser.add_argument("--poll-interval", type=_number_type(POLL_PERIOD_MS[0] / 1000, POLL_PERIOD_MS[1] / 1000),
-                        default=10.0,
-                        metavar="SECONDS", help="seconds between readings (default: %(default)s)")
-    parser.add_argument("--log-period", type=_number_type(*LOG_PERIOD_S), default=300.0,
-                        metavar="SECONDS", help="seconds of readings in each CSV log file "
-                                                "(default: %(default)s)")
+                        metavar="SECONDS", help="seconds between readings "
+                                                f"(default: saved, else {DEFAULTS['poll_interval']:g})")
+    parser.add_argument("--log-period", type=_number_type(*LOG_PERIOD_S), metavar="SECONDS",
+                        help="seconds of readings in each CSV log file "
+                             f"(default: saved, else {DEFAULTS['log_period']:g})")
     parser.add_argument("--log-dir", metavar="DIR",
                         help="also write each finished log file to DIR as <device>-<first timestamp>.csv")
     parser.add_argument("--max-connections", type=_number_type(1, 10, int), default=5,
@@ -542,8 +858,13 @@ def parse_args(argv=None, prog="thermostat.py"):
                              "(host, port and max-connections do not apply); logs go to stderr")
     parser.add_argument("--driver-xml", action="store_true",
                         help=f"print the driver description KStars reads ({DRIVER_EXEC}.xml) and exit")
+    keeping = parser.add_mutually_exclusive_group()
+    keeping.add_argument("--config", metavar="FILE",
+                         help="keep settings in FILE (default: $INDICONFIG, else ~/.indi/<device>_config.xml)")
+    keeping.add_argument("--no-config", action="store_true",
+                         help="keep no settings: neither read nor write a configuration file")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log debugging detail, including the XML exchanged")
+                        help="log debugging detail, including the XML exchanged (DEBUG on)")
     args = parser.parse_args(argv)
     if not args.device.strip() or not args.device.isascii():
         parser.error(f"argument --device: {args.device!r} must be non-empty ASCII")
@@ -602,9 +923,10 @@ def main(argv=None, prog="thermostat.py"):
         print(driver_xml(), end="")
         return 0
     configure_logging(args.verbose)
+    config = None if args.no_config else (args.config or True)
     driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
-                         log_period=args.log_period, log_dir=args.log_dir)
-    driver.debug_enable = args.verbose
+                         log_period=args.log_period, debug=args.verbose or None, log_dir=args.log_dir,
+                         config=config)
     if args.stdio:
         return asyncio.run(serve_stdio(driver))
     server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)

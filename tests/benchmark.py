@@ -33,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -401,6 +402,8 @@ def main():
     args = parser.parse_args()
     if args.serve:
         return serve(int(args.serve[0]), float(args.serve[1]))
+    # The subjects keep their settings in a throwaway file, not in the user's ~/.indi.
+    os.environ["INDICONFIG"] = os.path.join(tempfile.mkdtemp(prefix="benchmark-"), "indi_config.xml")
     table = report(asyncio.run(run(args)), args)
     print()
     print(table)

@@ -20,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import thermostat  # noqa: E402
 
+# Peers started by the tests (indiserver among them) run the indi_thermostat installed
+# beside the Python that runs the tests, e.g. in .venv/bin, activated or not.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 FAST = ["--poll-interval", "0.05", "--log-period", "0.5"]
 
 
@@ -220,3 +224,24 @@ def in_process():
     yield start
     for running in started:
         running.stop()
+
+
+def _keep_indi_config_in(folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(folder))     # indiserver unsets INDICONFIG for drivers started by FIFO
+    monkeypatch.setenv("INDICONFIG", str(folder / "indi_config.xml"))
+    return folder / "indi_config.xml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_indi_config(tmp_path_factory):
+    "Servers shared by a module's tests keep their settings out of the user's ~/.indi too."
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _keep_indi_config_in(tmp_path_factory.mktemp("indi"), monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def indi_config(tmp_path_factory, monkeypatch):
+    """Each test keeps thermostat settings in its own file (its path is this
+    fixture's value), so that every thermostat starts with the defaults and
+    none writes the user's ~/.indi."""
+    return _keep_indi_config_in(tmp_path_factory.mktemp("indi"), monkeypatch)

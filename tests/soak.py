@@ -41,7 +41,7 @@ def serve(port, log_dir, poll_interval):
     thermostat.configure_logging(verbose=False)
     thermostat.logger.setLevel("WARNING")      # not a line per file sent: a week has 2016
     driver = thermostat.make_driver(poll_interval=poll_interval, log_period=poll_interval * POLLS_PER_FILE,
-                                    log_dir=log_dir)
+                                    log_dir=log_dir, config=None)
     return asyncio.run(thermostat.serve(thermostat.make_server(driver, port=port)))
 
 

@@ -115,7 +115,7 @@ def test_a_message_is_sent_once_not_with_every_later_update():
         await vector.send_defVector()
     asyncio.run(exchange())
     assert [xml.get("message") for xml in recorder.sent] == [
-        "target must be a number from -50 to 99; received 'x'", None, None]
+        "[WARNING] target must be a number from -50 to 99; received 'x'", None, None]
 
 
 def test_a_request_of_the_wrong_type_is_answered_not_fatal():

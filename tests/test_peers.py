@@ -185,7 +185,7 @@ def test_log_files_arrive_complete_in_order_with_true_sizes(served, tmp_path):
     client.send(new_switch("Thermostat", "switchvector", "switchmember", "On"))
     switched = client.expect(tagged("setSwitchVector", name="switchvector"))
     assert switched.find("oneSwitch").text == "On"
-    assert client.expect(tagged("message", device="Thermostat")).get("message") == "Log reporting is now On"
+    assert client.expect(tagged("message", device="Thermostat")).get("message") == "[INFO] Log reporting is now On"
     blobs = client.gather(tagged("setBLOBVector", name="logsvector"), 3, timeout=10)
     client.send(new_switch("Thermostat", "switchvector", "switchmember", "Off"))
     # the partial file is sent, before the switch confirms Off
