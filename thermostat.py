@@ -798,7 +798,7 @@ class ThermoDriver(IPyDriver):
             logger.error("%s: at stop the heater may still be on: %s", self.device.devicename,
                          self.thermostat.heater_fault)
         else:
-            logger.info("%s: heater switched off at stop", self.device.devicename)
+            logger.debug("%s: heater switched off at stop", self.device.devicename)
 
     async def update_loop(self):
         while (reading := await self.readings.get()) is not None and not self.stop:
