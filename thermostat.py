@@ -1038,6 +1038,7 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
+    _check_command("--sensor", kind, rest)
     if kind == "w1" and rest:
         if not Path(rest).is_dir():
             raise ValueError(f"argument --sensor: {rest} is not a directory (a 1-wire device's, such as "
@@ -1053,6 +1054,7 @@ def make_heater(spec, timeout=HARDWARE_TIMEOUT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
+    _check_command("--heater", kind, rest)
     if kind == "command" and shlex.split(rest):
         return CommandHeater(rest, timeout)
     if kind == "gpio" and (parts := rest.split(":")) and len(parts) in (2, 3) and all(parts) \
@@ -1062,6 +1064,14 @@ def make_heater(spec, timeout=HARDWARE_TIMEOUT):
         except RuntimeError as exc:
             raise ValueError(f"argument --heater: {exc}") from None
     raise ValueError(f"argument --heater: {spec!r} is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]")
+
+
+def _check_command(option, kind, command):
+    if kind == "command":
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(f"argument {option}: cannot split {command!r} into words: {exc}") from None
 
 
 def configure_logging(verbose):

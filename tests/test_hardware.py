@@ -434,6 +434,7 @@ def run(*options):
     (["--sensor", "command:"], "'command:' is not simulator"),
     (["--heater", "gpio:gpiochip0"], "is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]"),
     (["--heater", "relay"], "'relay' is not simulator"),
+    (["--heater", "command:relay 'on"], "cannot split \"relay 'on\" into words: No closing quotation"),
     (["--max-temperature", "100"], "outside -50..99"),
     (["--max-heater-on", "0"], "outside 1..604800"),
     (["--hardware-timeout", "0"], "outside"),
