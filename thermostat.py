@@ -198,8 +198,8 @@ class ThermalControl:
         self.over_max = False       # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
         self._on_since = None       # when the heater was switched on
-        self._last_value = None     # the last value read, and since when it was read while heating
-        self._same_since = None
+        self._last_value = None     # the last value read, and since when
+        self._value_since = None
         self._stuck = False
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
@@ -268,13 +268,15 @@ class ThermalControl:
         return None if self.heater_wanted == self.heater_on else self.heater_wanted
 
     def switch_now(self, on, now):
-        "Switch the heater here and now, as at shutdown or for an instant heater."
+        """Switch the heater here and now, as at shutdown or for an instant
+        heater; return None, or the exception that says why it failed."""
         try:
             self.heater.switch(on)
         except Exception as exc:
             self.heater_switched(on, now, exc)
-        else:
-            self.heater_switched(on, now)
+            return exc
+        self.heater_switched(on, now)
+        return None
 
     def heater_switched(self, on, now, error=None):
         "Record the outcome of switching the heater on or off (error: the exception that says why it failed)."
@@ -311,16 +313,14 @@ class ThermalControl:
         self._set_fault("sensor_fault", fault)
 
     def _stuck_at(self, value, now):
-        """True once value has been read unchanged for stuck_after seconds of
-        heating; it stays stuck, heater on or off, until the value changes."""
+        """True once value has been read unchanged for stuck_after seconds in
+        which the heater was on throughout; it stays stuck, heater on or off,
+        until the value changes."""
         if value != self._last_value:
-            self._last_value, self._same_since = value, now if self.heater_on else None
-        elif self.heater_on and self._same_since is None:
-            self._same_since = now
-        elif not self.heater_on and not self._stuck:
-            self._same_since = None
-        self._stuck = (self._same_since is not None
-                       and (now - self._same_since).total_seconds() >= self.stuck_after)
+            self._last_value, self._value_since, self._stuck = value, now, False
+        elif self.heater_on and not self._stuck:
+            unchanged_while_on = now - max(self._value_since, self._on_since)
+            self._stuck = unchanged_while_on.total_seconds() >= self.stuck_after
         return self._stuck
 
     def _regulate(self, now):
@@ -331,10 +331,14 @@ class ThermalControl:
                 self.demand = False
             elif self.temperature < self.target - HYSTERESIS:
                 self.demand = True
-            if self.temperature > self.max_temperature:
-                self.over_max = True
-            elif self.temperature <= self.max_temperature - HYSTERESIS:
-                self.over_max = False
+            over_max = (self.temperature > self.max_temperature
+                        or self.over_max and self.temperature > self.max_temperature - HYSTERESIS)
+            if over_max and not self.over_max:
+                logger.warning("%s: above the maximum temperature %g: the heater is held off",
+                               self.name, self.max_temperature)
+            elif self.over_max and not over_max:
+                logger.info("%s: back below the maximum temperature", self.name)
+            self.over_max = over_max
             if self.on_time_alarm and self.in_band:
                 self.on_time_alarm = False
                 logger.info("%s: heater-on time alarm re-armed: the temperature is back within the band",
@@ -447,7 +451,10 @@ def run_command(argv, timeout):
         try:
             output, errors = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)    # its children too, which would hold the pipes open
+            try:
+                os.killpg(child.pid, signal.SIGKILL)    # its children too, which would hold the pipes open
+            except ProcessLookupError:
+                pass
             child.communicate()
             raise TimeoutError(f"{name} did not finish within {timeout:g} s") from None
     if child.returncode != 0:
@@ -793,10 +800,9 @@ class ThermoDriver(IPyDriver):
 
     def switch_off_at_stop(self):
         "Switch the heater off here and now, whatever else is pending: the driver is stopping."
-        self.thermostat.switch_now(False, datetime.now(timezone.utc))
-        if self.thermostat.heater_fault:
-            logger.error("%s: at stop the heater may still be on: %s", self.device.devicename,
-                         self.thermostat.heater_fault)
+        if error := self.thermostat.switch_now(False, datetime.now(timezone.utc)):
+            logger.error("%s: at stop the heater may still be on: switching it off failed: %s",
+                         self.device.devicename, why(error))
         else:
             logger.debug("%s: heater switched off at stop", self.device.devicename)
 

@@ -306,6 +306,99 @@ def test_disconnect_switches_the_heater_off_and_safety_goes_idle(rig, served):
     rig.wait_told("on", after=3)
 
 
+# -- the model alone: time passed in, nothing sleeps -----------------------
+
+START = thermostat.datetime(2026, 1, 1, tzinfo=thermostat.timezone.utc)
+
+
+class Bench:
+    "A sensor that reads what the test says, and a heater that records; both instant."
+    instant = True
+    valid_range = thermostat.SENSOR_RANGE
+
+    def __init__(self, value):
+        self.value, self.told = value, []
+
+    def read(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+    def switch(self, on):
+        self.told.append(on)
+
+
+def control_on_bench(value=21.5, **limits):
+    bench = Bench(value)
+    return bench, thermostat.ThermalControl(sensor=bench, heater=bench, target=25, **limits)
+
+
+def at(seconds):
+    return START + thermostat.timedelta(seconds=seconds)
+
+
+def test_stuck_means_the_same_value_for_stuck_after_seconds_of_heating():
+    bench, control = control_on_bench(stuck_after=600)
+    control.step(at(0))
+    assert bench.told == [True]
+    assert control.step(at(599)).safety.sensor is None
+    stuck = control.step(at(600))
+    assert stuck.safety.sensor == "stuck: it read 21.5 for 600 s while the heater was on"
+    assert bench.told == [True, False] and not stuck.in_band
+    assert control.step(at(5000)).safety.sensor, "still the same value: still stuck, heater off or not"
+    bench.value = 21.5625
+    assert control.step(at(5010)).safety.sensor is None and bench.told[-1] is True
+
+
+def test_the_same_value_with_the_heater_off_is_not_stuck():
+    bench, control = control_on_bench(value=30.0, stuck_after=600)
+    for seconds in range(0, 3600, 60):
+        assert control.step(at(seconds)).safety.sensor is None
+    assert bench.told == []
+
+
+def test_refused_readings_are_not_logged_and_the_last_good_value_is_kept():
+    bench, control = control_on_bench()
+    control.start_logging(START)
+    control.step(at(0))
+    bench.value = OSError("bus error")
+    reading = control.step(at(10))
+    assert reading.temperature == 21.5 and reading.safety.sensor == "bus error"
+    assert not reading.heater_on and bench.told == [True, False]
+    control.stop_logging()
+    (logfile,) = control.backlog
+    assert len(logfile.rows) == 1
+
+
+def test_the_on_time_alarm_trips_at_max_heater_on_and_rearms_in_band_or_on_a_new_target():
+    bench, control = control_on_bench(max_heater_on=3600, stuck_after=86400)
+    control.step(at(0))
+    assert control.step(at(3599)).heater_on
+    alarm = control.step(at(3600))
+    assert not alarm.heater_on and alarm.safety.alarm and alarm.safety.lights()["LIMITS"] == "Alert"
+    assert not control.step(at(7200)).heater_on, "latched"
+    control.rearm()
+    assert control.step(at(7210)).heater_on
+    control.step(at(10810))
+    assert control.on_time_alarm
+    bench.value = 25.0                                   # within the band: re-armed
+    assert control.step(at(10820)).safety == thermostat.Safety()
+
+
+def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
+    class Jammed(Bench):
+        def switch(self, on):
+            self.told.append(on)
+            if on:
+                raise RuntimeError("relay jammed")
+    bench = Jammed(21.5)
+    control = thermostat.ThermalControl(sensor=bench, heater=bench, target=25)
+    reading = control.step(at(0))
+    assert bench.told == [True, False] and not reading.heater_on
+    assert reading.safety.heater == "switching it on failed: relay jammed"
+    assert reading.safety.lights() == {"SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok"}
+
+
 # -- the heater is switched off at every kind of stop ----------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
