@@ -768,16 +768,24 @@ class ThermoDriver(IPyDriver):
         """A reading of the slow sensor from a worker thread: degrees, or the
         exception saying why there is none. A read that has not returned in
         time is waited for again at the next poll rather than started anew,
-        so that a hung sensor holds one thread, not one per poll."""
+        so that a hung sensor holds one thread, not one per poll. Shutdown
+        does not wait for it."""
         if self._sensor_read is None or self._sensor_read.done():
             self._sensor_read = in_thread(self.thermostat.sensor.read)
-        try:
-            value = await asyncio.wait_for(asyncio.shield(self._sensor_read), self.hardware_timeout)
-        except TimeoutError:
+        read, loop = self._sensor_read, asyncio.get_running_loop()
+        deadline = loop.time() + self.hardware_timeout
+        while not read.done() and (left := deadline - loop.time()) > 0:
+            self.wake.clear()               # set by shutdown (or a new poll interval, which can wait)
+            if self.stop:
+                break
+            woken = asyncio.ensure_future(self.wake.wait())
+            await asyncio.wait({read, woken}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+        if not read.done():
             return TimeoutError(f"no reading within {self.hardware_timeout:g} s")
-        except Exception as exc:
-            return exc
-        return ValueError("the sensor's read() returned None") if value is None else value
+        if read.exception() is not None:
+            return read.exception()
+        return ValueError("the sensor's read() returned None") if read.result() is None else read.result()
 
     async def switch_heater(self, on):
         "Switch the heater (a slow one in a worker thread) and record the outcome in the model."
