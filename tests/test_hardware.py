@@ -187,7 +187,8 @@ def test_a_stuck_sensor_turns_the_heater_off_until_the_reading_moves(rig, served
                                     "the heater is off until good readings return")
     expect_safety(client, "Alert", SENSOR="Alert")
     rig.wait_told("off", after=2)
-    time.sleep(0.3)     # with the heater off, the same value stays refused (no new "on")
+    client.expect(setvector("temperaturevector", "Alert"))     # two more polls: the same value
+    client.expect(setvector("temperaturevector", "Alert"))     # stays refused, heater off or not
     assert rig.told() == ["off", "on", "off"]
     rig.write("21600")
     client.expect(setvector("temperaturevector", "Ok", "the sensor reads again: 21.60"))
@@ -573,6 +574,13 @@ def test_bad_hardware_options_are_one_clear_line(options, words):
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
+
+
+def test_help_explains_the_hardware_options():
+    result = run("--help")
+    for words in ("--sensor SPEC", "w1:DIR", "command:CMD", "gpio:CHIP:LINE[:active-low]", "--max-temperature T",
+                  "--max-heater-on SECONDS", "--stuck-after SECONDS", "--hardware-timeout SECONDS"):
+        assert words in result.stdout
 
 
 def test_gpio_without_the_extra_says_how_to_install_it(monkeypatch):
