@@ -16,11 +16,14 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 import xml.etree.ElementTree as ET
@@ -65,13 +68,17 @@ logger.addFilter(WarningThrottle())
 
 
 # ---------------------------------------------------------------------------
-# The thermostat: a simulated heater and sensor, and its temperature log.
+# The thermostat: regulation and its safety rules over a sensor and a heater
+# (a simulation of both by default), and its temperature log.
 # Nothing here knows INDI; every method that depends on time is given it.
 # ---------------------------------------------------------------------------
 
 TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
-HEATING_STEP = 0.2     # degrees the temperature moves each poll
+HEATING_STEP = 0.2     # degrees the simulated temperature moves each poll
 HYSTERESIS = 0.5       # the heater switches beyond target +/- this
+MAX_TEMPERATURE = 50.0      # above it the heater is off, whatever the target
+MAX_HEATER_ON = 3600.0      # seconds of continuous heating that raise the alarm
+STUCK_AFTER = 600.0         # seconds of one unchanged reading while heating: a stuck sensor
 
 
 def parse_number(text, what, low, high):
@@ -86,6 +93,11 @@ def parse_number(text, what, low, high):
     return value
 
 
+def why(error):
+    "An exception as the reason a sensor or heater failed."
+    return str(error) or type(error).__name__
+
+
 def indi_timestamp(moment):
     """The text of a UTC datetime as INDI carries it, and as indipydriver
     writes it into every timestamp attribute."""
@@ -93,11 +105,27 @@ def indi_timestamp(moment):
 
 
 @dataclass(frozen=True)
+class Safety:
+    "Why the heater is held off, if it is: each None while all is well."
+    sensor: str | None = None       # why the last reading was refused
+    heater: str | None = None       # why the last switching of the heater failed
+    limit: str | None = None        # which limit holds the heater off
+    alarm: bool = False             # the limit is the heater-on time: latched until re-armed
+
+    def lights(self):
+        "The SAFETY_STATUS lights, by member name."
+        return {"SENSOR": "Alert" if self.sensor else "Ok",
+                "HEATER": "Alert" if self.heater else "Ok",
+                "LIMITS": "Alert" if self.alarm else "Busy" if self.limit else "Ok"}
+
+
+@dataclass(frozen=True)
 class Reading:
     timestamp: datetime
-    temperature: float
+    temperature: float      # the last good reading (NaN before the first)
     heater_on: bool
-    in_band: bool      # within target +/- HYSTERESIS
+    in_band: bool           # a good reading within target +/- HYSTERESIS
+    safety: Safety = Safety()
 
 
 @dataclass
@@ -120,19 +148,62 @@ class LogFile:
         return (self.HEADER + "".join(self.rows)).encode()
 
 
+class Simulator:
+    """The default sensor and heater, in one object: each read() moves the
+    temperature one HEATING_STEP up (heater on) or down (heater off)."""
+
+    instant = True          # read and switched in the event loop: no worker thread
+    valid_range = None      # whatever it reads is plausible
+
+    def __init__(self, temperature=20.0):
+        self.temperature = temperature
+        self.heater_on = False
+
+    def read(self):
+        step = HEATING_STEP if self.heater_on else -HEATING_STEP
+        self.temperature = round(self.temperature + step, 2)
+        return self.temperature
+
+    def switch(self, on):
+        self.heater_on = on
+
+
 class ThermalControl:
-    """A simulated thermostat. Each step() moves the temperature one
-    HEATING_STEP up (heater on) or down (heater off) and switches the heater
-    around target +/- HYSTERESIS. While logging, every reading goes into the
-    current log file, which is cut every log_period seconds; finished files
-    wait in a bounded backlog until sent, and are also written to log_dir."""
+    """A thermostat. Each step() takes a reading from the sensor, refuses an
+    implausible one (which holds the heater off until good readings return),
+    and switches the heater through its actuator around target +/-
+    HYSTERESIS, within two limits: off above max_temperature, and off with a
+    latched alarm after max_heater_on seconds of continuous heating. By
+    default a Simulator is both sensor and heater.
+
+    While logging, every good reading goes into the current log file, which
+    is cut every log_period seconds; finished files wait in a bounded
+    backlog until sent, and are also written to log_dir."""
 
     def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0,
-                 log_period=300.0, log_dir=None, max_backlog=16):
+                 log_period=300.0, log_dir=None, max_backlog=16, sensor=None, heater=None,
+                 max_temperature=MAX_TEMPERATURE, max_heater_on=MAX_HEATER_ON, stuck_after=STUCK_AFTER):
         self.name = name
-        self.temperature = temperature
+        simulator = Simulator(temperature) if sensor is None or heater is None else None
+        self.sensor = simulator if sensor is None else sensor
+        self.heater = simulator if heater is None else heater
+        self.temperature = temperature if sensor is None else math.nan   # the last good reading
         self.target = parse_number(target, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
-        self.heater_on = False
+        self.max_temperature = parse_number(max_temperature, "maximum temperature",
+                                            TEMPERATURE_MIN, TEMPERATURE_MAX)
+        self.max_heater_on = max_heater_on
+        self.stuck_after = stuck_after
+        self.heater_on = False      # as last switched
+        self.heater_known = True    # False after a failed switch: then it is switched off first
+        self.heater_wanted = False  # what regulation within the limits asks for
+        self.demand = False         # what regulation alone asks for (its hysteresis memory)
+        self.sensor_fault = self.heater_fault = None
+        self.over_max = False       # above max_temperature (until HYSTERESIS below it)
+        self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
+        self._on_since = None       # when the heater was switched on
+        self._last_value = None     # the last value read, and since when
+        self._value_since = None
+        self._stuck = False
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.backlog = collections.deque()
@@ -146,19 +217,42 @@ class ThermalControl:
         return abs(self.temperature - self.target) <= HYSTERESIS
 
     @property
+    def safety(self):
+        if self.on_time_alarm:
+            limit = (f"the heater ran {self.max_heater_on:g} s without a break: it stays off until "
+                     f"the temperature is within {HYSTERESIS:g} of the target, or a client sets the target")
+        elif self.over_max:
+            limit = (f"the temperature is above the maximum {self.max_temperature:g}: the heater stays "
+                     f"off until it is {HYSTERESIS:g} below it")
+        else:
+            limit = None
+        return Safety(self.sensor_fault, self.heater_fault, limit, self.on_time_alarm)
+
+    @property
     def logging(self):
         return self._logfile is not None
 
-    def step(self, now):
-        "Advance one poll at time now (an aware UTC datetime); return the reading."
-        step = HEATING_STEP if self.heater_on else -HEATING_STEP
-        self.temperature = round(self.temperature + step, 2)
-        if self.temperature > self.target + HYSTERESIS:
-            self.heater_on = False
-        elif self.temperature < self.target - HYSTERESIS:
-            self.heater_on = True
-        reading = Reading(now, self.temperature, self.heater_on, self.in_band)
-        if self.logging:
+    def step(self, now, measured=None):
+        """Advance one poll at time now (an aware UTC datetime); return the
+        reading. measured is what the driver read from a slow sensor in a
+        worker thread: degrees Celsius, or the exception the read raised;
+        None reads the sensor here. An instant heater is switched here; the
+        driver switches a slow one (see heater_command)."""
+        if measured is None:
+            try:
+                measured = self.sensor.read()
+            except Exception as exc:
+                measured = exc
+        self._check(measured, now)
+        self._regulate(now)
+        if getattr(self.heater, "instant", False):
+            for _ in range(2):      # a failed switch is followed at once by a switch off
+                if (on := self.heater_command()) is None:
+                    break
+                self.switch_now(on, now)
+        good = self.sensor_fault is None
+        reading = Reading(now, self.temperature, self.heater_on, good and self.in_band, self.safety)
+        if good and self.logging:
             period = timedelta(seconds=self.log_period)     # read each time: clients may change it
             if now >= self._period_start + period:
                 self._finish_file()
@@ -168,6 +262,106 @@ class ThermalControl:
                     self._period_start = now
             self._logfile.add(reading)
         return reading
+
+    def heater_command(self):
+        """What the heater must be switched to now, or None: off after a
+        failed switch (its state is then unknown), else the wanted state."""
+        if not self.heater_known:
+            return False
+        return None if self.heater_wanted == self.heater_on else self.heater_wanted
+
+    def switch_now(self, on, now):
+        """Switch the heater here and now, as at shutdown or for an instant
+        heater; return None, or the exception that says why it failed."""
+        try:
+            self.heater.switch(on)
+        except Exception as exc:
+            self.heater_switched(on, now, exc)
+            return exc
+        self.heater_switched(on, now)
+        return None
+
+    def heater_switched(self, on, now, error=None):
+        "Record the outcome of switching the heater on or off (error: the exception that says why it failed)."
+        if error is not None:
+            self.heater_known = False
+            self._set_fault("heater_fault", f"switching it {'on' if on else 'off'} failed: {why(error)}")
+            return
+        if on and not self.heater_on:
+            self._on_since = now
+        self.heater_on, self.heater_known = on, True
+        if on == self.heater_wanted:
+            self._set_fault("heater_fault", None)
+
+    def rearm(self):
+        "A client's new target acknowledges a heater-on time alarm."
+        if self.on_time_alarm:
+            self.on_time_alarm = False
+            logger.info("%s: heater-on time alarm re-armed by a new target", self.name)
+
+    def _check(self, measured, now):
+        "Take measured as the temperature if it is plausible; else say why not, in sensor_fault."
+        fault = None
+        valid = getattr(self.sensor, "valid_range", None)
+        if isinstance(measured, BaseException):
+            fault = why(measured)
+        elif isinstance(measured, bool) or not isinstance(measured, (int, float)) or not math.isfinite(measured):
+            fault = f"{measured!r} is not a temperature"
+        elif valid and not valid[0] <= measured <= valid[1]:
+            fault = f"{measured:g} is outside the sensor's range, {valid[0]:g} to {valid[1]:g}"
+        elif self._stuck_at(measured, now):
+            fault = f"stuck: it read {measured:g} for {self.stuck_after:g} s while the heater was on"
+        else:
+            self.temperature = float(measured)
+        self._set_fault("sensor_fault", fault)
+
+    def _stuck_at(self, value, now):
+        """True once value has been read unchanged for stuck_after seconds in
+        which the heater was on throughout; it stays stuck, heater on or off,
+        until the value changes."""
+        if value != self._last_value:
+            self._last_value, self._value_since, self._stuck = value, now, False
+        elif self.heater_on and not self._stuck:
+            unchanged_while_on = now - max(self._value_since, self._on_since)
+            self._stuck = unchanged_while_on.total_seconds() >= self.stuck_after
+        return self._stuck
+
+    def _regulate(self, now):
+        "Decide heater_wanted: the hysteresis on good readings, within the limits."
+        good = self.sensor_fault is None
+        if good:
+            if self.temperature > self.target + HYSTERESIS:
+                self.demand = False
+            elif self.temperature < self.target - HYSTERESIS:
+                self.demand = True
+            over_max = (self.temperature > self.max_temperature
+                        or self.over_max and self.temperature > self.max_temperature - HYSTERESIS)
+            if over_max and not self.over_max:
+                logger.warning("%s: above the maximum temperature %g: the heater is held off",
+                               self.name, self.max_temperature)
+            elif self.over_max and not over_max:
+                logger.info("%s: back below the maximum temperature", self.name)
+            self.over_max = over_max
+            if self.on_time_alarm and self.in_band:
+                self.on_time_alarm = False
+                logger.info("%s: heater-on time alarm re-armed: the temperature is back within the band",
+                            self.name)
+        if (self.heater_on and not self.on_time_alarm
+                and (now - self._on_since).total_seconds() >= self.max_heater_on):
+            self.on_time_alarm = True
+            logger.error("%s: %s", self.name, self.safety.limit)
+        self.heater_wanted = self.demand and good and not self.over_max and not self.on_time_alarm
+
+    def _set_fault(self, kind, fault):
+        "Set sensor_fault or heater_fault, logging each change."
+        before = getattr(self, kind)
+        if fault != before:
+            setattr(self, kind, fault)
+            what = kind.split("_")[0]
+            if fault:
+                logger.error("%s: %s: %s; the heater is held off", self.name, what, fault)
+            else:
+                logger.info("%s: %s works again", self.name, what)
 
     def start_logging(self, now):
         if not self.logging:
@@ -216,11 +410,146 @@ class ThermalControl:
 
 
 # ---------------------------------------------------------------------------
+# Real hardware. A sensor has read(): degrees Celsius, or an exception that
+# says why not; a heater has switch(on): returns once switched, or raises.
+# Both may block (the driver calls them in a worker thread, with a timeout,
+# unless they say `instant = True`); a sensor may give `valid_range`.
+# ---------------------------------------------------------------------------
+
+SENSOR_RANGE = (-55.0, 125.0)       # the DS18B20's, and a plausible range for a command's readings
+HARDWARE_TIMEOUT = 2.0              # seconds a read or switch may take (a DS18B20 read takes 0.75)
+
+
+class W1Sensor:
+    """A 1-wire sensor as Linux's w1_therm driver exposes it (a DS18B20 at
+    /sys/bus/w1/devices/28-*): DIR/temperature holds millidegrees Celsius."""
+
+    valid_range = SENSOR_RANGE
+
+    def __init__(self, directory):
+        self.path = Path(directory) / "temperature"
+
+    def read(self):
+        text = self.path.read_text().strip()
+        if not text:
+            raise ValueError(f"{self.path} is empty")
+        millidegrees = parse_number(text, f"{self.path} (millidegrees)",
+                                    SENSOR_RANGE[0] * 1000, SENSOR_RANGE[1] * 1000)
+        if millidegrees == 85000:
+            raise ValueError(f"{self.path} reads 85000, the DS18B20's power-on value, not a temperature")
+        return millidegrees / 1000
+
+
+def run_command(argv, timeout):
+    """Run argv without a shell, its stdin empty (under --stdio ours is the
+    INDI stream); return its standard output, or raise saying why not."""
+    name = shlex.join(argv)
+    try:
+        # its own session: Ctrl-C at a terminal, meant for us, must not cut short a heater's "off"
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as exc:
+        raise OSError(f"cannot run {name}: {exc.strerror or exc}") from None
+    with child:
+        try:
+            output, errors = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)    # its children too, which would hold the pipes open
+            except ProcessLookupError:
+                pass
+            child.communicate()
+            raise TimeoutError(f"{name} did not finish within {timeout:g} s") from None
+    if child.returncode != 0:
+        said = errors.strip().splitlines()[-1:] or ["no message"]
+        raise RuntimeError(f"{name} exited with status {child.returncode}: {said[0]}")
+    return output
+
+
+class CommandSensor:
+    "A command that prints the temperature in degrees Celsius on its standard output."
+
+    valid_range = SENSOR_RANGE
+
+    def __init__(self, command, timeout=HARDWARE_TIMEOUT):
+        self.argv, self.timeout = shlex.split(command), timeout
+
+    def read(self):
+        text = run_command(self.argv, self.timeout).strip()
+        if not text:
+            raise ValueError(f"{shlex.join(self.argv)} printed nothing")
+        return parse_number(text, f"the output of {shlex.join(self.argv)}", *SENSOR_RANGE)
+
+
+class CommandHeater:
+    "A command run as `COMMAND on` and `COMMAND off` to switch the heater (a relay, a smart plug)."
+
+    def __init__(self, command, timeout=HARDWARE_TIMEOUT):
+        self.argv, self.timeout = shlex.split(command), timeout
+
+    def switch(self, on):
+        run_command([*self.argv, "on" if on else "off"], self.timeout)
+
+
+class GpioHeater:
+    """A relay on a Linux GPIO line, through libgpiod's Python bindings
+    (gpiod 2.x: pip install 'thermostat[gpio]'). The line is held as an
+    output, inactive (heater off) from the start, for as long as the
+    driver runs; active_low for the many relay boards that switch on low."""
+
+    def __init__(self, chip, line, active_low=False):
+        try:
+            import gpiod
+            from gpiod.line import Direction, Value
+        except ImportError:
+            raise RuntimeError("--heater gpio needs libgpiod's Python bindings: "
+                               "pip install 'thermostat[gpio]' (or pip install gpiod)") from None
+        self.values = {True: Value.ACTIVE, False: Value.INACTIVE}
+        self.line = int(line) if line.isdigit() else line
+        path = chip if "/" in chip else f"/dev/{chip}" if chip.startswith("gpiochip") else f"/dev/gpiochip{chip}"
+        settings = gpiod.LineSettings(direction=Direction.OUTPUT, active_low=active_low,
+                                      output_value=Value.INACTIVE)
+        try:
+            self._request = gpiod.request_lines(path, consumer=DRIVER_EXEC, config={self.line: settings})
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot use GPIO line {line} of {path}: {exc}") from None
+
+    def switch(self, on):
+        self._request.set_value(self.line, self.values[on])
+
+
+def in_thread(function, *args):
+    """Run a blocking call in a daemon thread; return a future of its result.
+    Unlike asyncio.to_thread, a call that never returns holds up neither
+    the event loop nor the program's exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no warning
+
+    def settle(result, error):
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def run():
+        try:
+            result, error = function(*args), None
+        except Exception as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass                        # the loop has closed: nobody waits for this any more
+    threading.Thread(target=run, daemon=True, name="thermostat-hardware").start()
+    return future
+
+
+# ---------------------------------------------------------------------------
 # The INDI driver: client requests in, thermostat readings out.
 # ---------------------------------------------------------------------------
 
 # The properties kept in the configuration file, as libindi's drivers keep theirs.
-SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", "DEBUG")
+SAFETY_LIMITS = "limitsvector"       # the maximum temperature and heater-on time
+SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", SAFETY_LIMITS, "DEBUG")
 CONFIG_MAX_BYTES = 64 * 1024        # a saved configuration is a few hundred bytes
 SAVE_SPACING = 0.1                  # seconds between writes of the file in a burst of changes
 MESSAGE_LEVELS = ("[INFO] ", "[WARNING] ", "[ERROR] ")
@@ -234,7 +563,9 @@ class ThermoDriver(IPyDriver):
     client that does not read stalls the server's sends), live readings are
     dropped; log rows never are, and the thermostat keeps regulating.
     Every client request gets an answer: the new state, or Alert with a
-    message saying what was wrong.
+    message saying what was wrong. A slow sensor is read, and a slow heater
+    switched, in a worker thread within hardware_timeout seconds; the heater
+    is switched off when the driver starts and, first of all, when it stops.
 
     The SAVED_PROPERTIES are kept in a configuration file (config: a path,
     or None for none) as libindi's drivers keep theirs: every accepted
@@ -243,7 +574,8 @@ class ThermoDriver(IPyDriver):
     command line). Saved values pass the same checks as a client's
     requests, and can do nothing that a client's request could not."""
 
-    def __init__(self, device, thermostat, poll_interval, config=None, given=(), debug=False):
+    def __init__(self, device, thermostat, poll_interval, config=None, given=(), debug=False,
+                 hardware_timeout=HARDWARE_TIMEOUT):
         super().__init__(device, thermostat=thermostat)
         self.device = device
         self.thermostat = thermostat
@@ -256,6 +588,9 @@ class ThermoDriver(IPyDriver):
         self._settling = None               # while saved settings are applied: the problems found
         self._saver = None                  # the task writing the configuration file
         self._save_wanted = False
+        self.hardware_timeout = hardware_timeout
+        self._sensor_read = self._heater_switch = None     # calls still running in a worker thread
+        self._published_safety = Safety()
         self.connected = True               # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
@@ -291,6 +626,8 @@ class ThermoDriver(IPyDriver):
                     await self.set_poll_interval(event)
                 case newNumberVector(vectorname="logperiodvector"):
                     await self.set_log_period(event)
+                case newNumberVector() if event.vectorname == SAFETY_LIMITS:
+                    await self.set_limits(event)
                 case newSwitchVector(vectorname="DEBUG"):
                     await self.set_debug(event)
                 case newSwitchVector(vectorname="CONFIG_PROCESS"):
@@ -309,6 +646,7 @@ class ThermoDriver(IPyDriver):
         target = await self.checked_number(event, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
         if target is not None:
             self.thermostat.target = target
+            self.thermostat.rearm()
             event.vector["target"] = f"{target:.2f}"
             await self.publish(event.vector, state="Ok" if self.thermostat.in_band else "Busy")
 
@@ -326,6 +664,22 @@ class ThermoDriver(IPyDriver):
             self.thermostat.log_period = seconds
             event.vector["logperiod"] = f"{seconds:g}"
             await self.publish(event.vector, state="Ok")
+
+    async def set_limits(self, event):
+        values = {}
+        for member, low_high in (("maxtemperature", (TEMPERATURE_MIN, TEMPERATURE_MAX)),
+                                 ("maxheateron", MAX_HEATER_ON_S)):
+            if member in event:
+                if (value := await self.checked_number(event, member, *low_high)) is None:
+                    return
+                values[member] = value
+        if "maxtemperature" in values:
+            self.thermostat.max_temperature = values["maxtemperature"]
+            event.vector["maxtemperature"] = f"{values['maxtemperature']:.2f}"
+        if "maxheateron" in values:
+            self.thermostat.max_heater_on = values["maxheateron"]
+            event.vector["maxheateron"] = f"{values['maxheateron']:g}"
+        await self.publish(event.vector, state="Ok")
 
     async def checked_number(self, event, member, low, high):
         "The member's value, or None after rejecting the request."
@@ -352,8 +706,13 @@ class ThermoDriver(IPyDriver):
             return
         self.connected = wanted == ["CONNECT"]
         if not self.connected:
-            self.thermostat.heater_on = False     # no regulation without a connection: fail safe
-            await self.publish_heater(False)
+            await self.switch_heater(False)     # no regulation without a connection: fail safe
+            fault = self.thermostat.heater_fault
+            await self.publish_heater(self.thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else "")
+            status = self.device["SAFETY_STATUS"]
+            for name in ("SENSOR", "HEATER", "LIMITS"):
+                status[name] = "Idle"
+            await self.publish(status, state="Idle")
         event.vector["CONNECT"] = "On" if self.connected else "Off"
         event.vector["DISCONNECT"] = "Off" if self.connected else "On"
         await self.publish(event.vector, state="Ok" if self.connected else "Idle")
@@ -526,10 +885,14 @@ class ThermoDriver(IPyDriver):
                 await self._saver           # the last change reaches the file
 
     async def hardware(self):
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.control_loop())
-            tasks.create_task(self.update_loop())
-        self.thermostat.stop_logging()      # at shutdown: the partial file reaches log_dir
+        await self.switch_heater(False)     # a known state: a driver killed with -9 may have left it on
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.control_loop())
+                tasks.create_task(self.update_loop())
+        finally:
+            self.switch_off_at_stop()       # first, however the driver stops
+            self.thermostat.stop_logging()  # at shutdown: the partial file reaches log_dir
 
     async def control_loop(self):
         loop = asyncio.get_running_loop()
@@ -543,7 +906,7 @@ class ThermoDriver(IPyDriver):
             # unless a whole interval was missed: then the schedule starts afresh from now.
             last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
             if self.connected:
-                self.poll()
+                await self.poll()
         try:
             self.readings.put_nowait(None)  # wakes the update loop to stop
         except asyncio.QueueFull:
@@ -556,9 +919,22 @@ class ThermoDriver(IPyDriver):
         except TimeoutError:
             return False
 
-    def poll(self):
+    async def poll(self):
+        thermostat = self.thermostat
         try:
-            reading = self.thermostat.step(datetime.now(timezone.utc))
+            if getattr(thermostat.sensor, "instant", False):
+                reading = thermostat.step(datetime.now(timezone.utc))
+            else:
+                measured = await self.read_sensor()
+                if self.stop or not self.connected:
+                    return                  # it went while the sensor was read
+                reading = thermostat.step(datetime.now(timezone.utc), measured)
+            if not getattr(thermostat.heater, "instant", False):
+                for _ in range(2):          # a failed switch is followed at once by a switch off
+                    if (on := thermostat.heater_command()) is None:
+                        break
+                    await self.switch_heater(on)
+                reading = replace(reading, heater_on=thermostat.heater_on, safety=thermostat.safety)
         except Exception:
             logger.exception("%s: thermostat poll failed", self.device.devicename)
             return
@@ -571,6 +947,56 @@ class ThermoDriver(IPyDriver):
         self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
                        "on" if reading.heater_on else "off", self.thermostat.target)
 
+    async def read_sensor(self):
+        """A reading of the slow sensor from a worker thread: degrees, or the
+        exception saying why there is none. A read that has not returned in
+        time is waited for again at the next poll rather than started anew,
+        so that a hung sensor holds one thread, not one per poll. Shutdown
+        does not wait for it."""
+        if self._sensor_read is None or self._sensor_read.done():
+            self._sensor_read = in_thread(self.thermostat.sensor.read)
+        read, loop = self._sensor_read, asyncio.get_running_loop()
+        deadline = loop.time() + self.hardware_timeout
+        while not read.done() and (left := deadline - loop.time()) > 0:
+            self.wake.clear()               # set by shutdown (or a new poll interval, which can wait)
+            if self.stop:
+                break
+            woken = asyncio.ensure_future(self.wake.wait())
+            await asyncio.wait({read, woken}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+        if not read.done():
+            return TimeoutError(f"no reading within {self.hardware_timeout:g} s")
+        if read.exception() is not None:
+            return read.exception()
+        return ValueError("the sensor's read() returned None") if read.result() is None else read.result()
+
+    async def switch_heater(self, on):
+        "Switch the heater (a slow one in a worker thread) and record the outcome in the model."
+        thermostat = self.thermostat
+        if getattr(thermostat.heater, "instant", False):
+            thermostat.switch_now(on, datetime.now(timezone.utc))
+            return
+        if self._heater_switch is not None and not self._heater_switch.done():
+            error = TimeoutError(f"no answer within {self.hardware_timeout:g} s")   # still
+        else:
+            self._heater_switch = in_thread(thermostat.heater.switch, on)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._heater_switch), self.hardware_timeout)
+                error = None
+            except TimeoutError:
+                error = TimeoutError(f"no answer within {self.hardware_timeout:g} s")
+            except Exception as exc:
+                error = exc
+        thermostat.heater_switched(on, datetime.now(timezone.utc), error)
+
+    def switch_off_at_stop(self):
+        "Switch the heater off here and now, whatever else is pending: the driver is stopping."
+        if error := self.thermostat.switch_now(False, datetime.now(timezone.utc)):
+            logger.error("%s: at stop the heater may still be on: switching it off failed: %s",
+                         self.device.devicename, why(error))
+        else:
+            logger.debug("%s: heater switched off at stop", self.device.devicename)
+
     async def update_loop(self):
         while (reading := await self.readings.get()) is not None and not self.stop:
             try:
@@ -580,21 +1006,48 @@ class ThermoDriver(IPyDriver):
                 logger.exception("%s: failed to send an update", self.device.devicename)
 
     async def publish_reading(self, reading):
+        safety, before = reading.safety, self._published_safety
+        self._published_safety = safety
         temperature = self.device["temperaturevector"]
-        temperature["temperature"] = f"{reading.temperature:.2f}"
-        await self.publish(temperature, timestamp=reading.timestamp)
-        await self.publish_heater(reading.heater_on)
+        if safety.sensor:
+            message = "" if safety.sensor == before.sensor else \
+                f"[ERROR] sensor: {safety.sensor}; the heater is off until good readings return"
+            await self.publish(temperature, message=message, state="Alert", timestamp=reading.timestamp)
+        else:
+            temperature["temperature"] = f"{reading.temperature:.2f}"
+            message = f"the sensor reads again: {reading.temperature:.2f}" if before.sensor else ""
+            await self.publish(temperature, message=message, state="Ok", timestamp=reading.timestamp)
+        heater_message = ""
+        if safety.heater != before.heater:
+            heater_message = (f"[ERROR] heater: {safety.heater}" if safety.heater
+                              else "the heater switches again")
+        await self.publish_heater(reading.heater_on, safety.heater, heater_message)
         target = self.device["targetvector"]
         state = "Ok" if reading.in_band else "Busy"
         if target.state != state:
             await self.publish(target, state=state)
+        await self.publish_safety(safety, before)
 
-    async def publish_heater(self, heater_on):
+    async def publish_heater(self, heater_on, fault=None, message=""):
         heater = self.device["heatervector"]
-        light = "Busy" if heater_on else "Idle"
-        if heater["heater"] != light:
+        light = "Alert" if fault else "Busy" if heater_on else "Idle"
+        if heater["heater"] != light or message:
             heater["heater"] = light
-            await self.publish(heater)
+            await self.publish(heater, message=message, state="Alert" if fault else "Idle")
+
+    async def publish_safety(self, safety, before):
+        "SAFETY_STATUS: a light each for the sensor, the heater and the limits; the worst is its state."
+        status = self.device["SAFETY_STATUS"]
+        lights = safety.lights()
+        message = ""
+        if safety.limit != before.limit:
+            prefix = "[ERROR] " if safety.alarm else "[WARNING] "
+            message = prefix + safety.limit if safety.limit else "the heater is within its limits again"
+        if message or status.state == "Idle" or any(status[name] != light for name, light in lights.items()):
+            for name, light in lights.items():
+                status[name] = light
+            state = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
+            await self.publish(status, message=message, state=state)
 
     async def send_log_files(self):
         async with self._sending_files:     # one sender at a time keeps files in order
@@ -708,33 +1161,44 @@ DRIVER_EXEC = "indi_thermostat"
 AUX_INTERFACE = "32768"              # libindi's DRIVER_INTERFACE bit for auxiliary devices
 POLL_PERIOD_MS = (10, 600000)        # libindi's POLLING_PERIOD range
 LOG_PERIOD_S = (0.1, 31 * 86400)
+MAX_HEATER_ON_S = (1, 7 * 86400)
 
 
-DEFAULTS = dict(target=15.0, poll_interval=10.0, log_period=300.0, debug=False)
+DEFAULTS = dict(target=15.0, poll_interval=10.0, log_period=300.0, debug=False,
+                max_temperature=MAX_TEMPERATURE, max_heater_on=MAX_HEATER_ON)
 GIVEN_AS = dict(target="targetvector", poll_interval="POLLING_PERIOD", log_period="logperiodvector",
-                debug="DEBUG")                      # the saved property each setting is kept in
+                debug="DEBUG", max_temperature=SAFETY_LIMITS,
+                max_heater_on=SAFETY_LIMITS)         # the saved property each setting is kept in
 
 
 def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log_period=None,
-                debug=None, log_dir=None, config=True):
-    """Return a ThermoDriver for a new simulated thermostat, ready to serve
-    with make_server(driver), beside other drivers in any IPyServer, or on
-    stdin/stdout with serve_stdio(driver).
+                debug=None, max_temperature=None, max_heater_on=None, log_dir=None, config=True,
+                sensor=None, heater=None, stuck_after=STUCK_AFTER, hardware_timeout=HARDWARE_TIMEOUT):
+    """Return a ThermoDriver for a new thermostat, ready to serve with
+    make_server(driver), beside other drivers in any IPyServer, or on
+    stdin/stdout with serve_stdio(driver). It reads sensor and switches
+    heater (see "Real hardware" above); either left out is simulated.
 
     Its settings are kept in the configuration file `config`: True for
     libindi's place (config_path), a path, or None to keep none. Settings
     given here win over saved ones; those left out (None) come from the
     file, else from DEFAULTS."""
     check_foundation()
-    settings = dict(target=target, poll_interval=poll_interval, log_period=log_period, debug=debug)
+    settings = dict(target=target, poll_interval=poll_interval, log_period=log_period, debug=debug,
+                    max_temperature=max_temperature, max_heater_on=max_heater_on)
     given = {GIVEN_AS[name] for name, value in settings.items() if value is not None}
-    target, poll_interval, log_period, debug = (DEFAULTS[name] if value is None else value
-                                                for name, value in settings.items())
+    target, poll_interval, log_period, debug, max_temperature, max_heater_on = (
+        DEFAULTS[name] if value is None else value for name, value in settings.items())
     if config is True:
         config = config_path(devicename)
     if not poll_interval > 0 or not log_period > 0:
         raise ValueError("poll_interval and log_period must be positive numbers of seconds")
-    thermostat = ThermalControl(devicename, target=target, log_period=log_period, log_dir=log_dir)
+    if not (max_heater_on > 0 and stuck_after > 0 and hardware_timeout > 0):
+        raise ValueError("max_heater_on, stuck_after and hardware_timeout must be positive numbers of seconds")
+    thermostat = ThermalControl(devicename, target=target, log_period=log_period, log_dir=log_dir,
+                                sensor=sensor, heater=heater, max_temperature=max_temperature,
+                                max_heater_on=max_heater_on, stuck_after=stuck_after)
+    shown = thermostat.temperature if math.isfinite(thermostat.temperature) else 0.0
     limits = dict(format="%3.1f", min=TEMPERATURE_MIN, max=TEMPERATURE_MAX)
     properties = [
         # libindi's standard properties, as its clients (Ekos among them) expect them
@@ -751,8 +1215,7 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
                          max=POLL_PERIOD_MS[1], step=1000, membervalue=f"{poll_interval * 1000:.0f}")]),
         # the thermostat's own
         NumberVector("temperaturevector", "Temperature", "Values", "ro", "Ok", [
-            NumberMember("temperature", "Temperature", **limits,
-                         membervalue=f"{thermostat.temperature:.2f}")]),
+            NumberMember("temperature", "Temperature", **limits, membervalue=f"{shown:.2f}")]),
         NumberVector("targetvector", "Target", "Values", "rw",
                      "Ok" if thermostat.in_band else "Busy", [
             NumberMember("target", "Target", **limits, step=0.1,
@@ -766,6 +1229,16 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
                          max=LOG_PERIOD_S[1], step=60, membervalue=f"{log_period:g}")]),
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
+        # safety: limits that hold whatever the target, and alarms a client can wait on
+        NumberVector(SAFETY_LIMITS, "Limits", "Safety", "rw", "Ok", [
+            NumberMember("maxtemperature", "Maximum temperature", **limits, step=0.1,
+                         membervalue=f"{thermostat.max_temperature:.2f}"),
+            NumberMember("maxheateron", "Maximum heater-on (s)", format="%.0f", min=MAX_HEATER_ON_S[0],
+                         max=MAX_HEATER_ON_S[1], step=60, membervalue=f"{max_heater_on:g}")]),
+        LightVector("SAFETY_STATUS", "Safety", "Safety", "Idle", [
+            LightMember("SENSOR", "Sensor", membervalue="Idle"),
+            LightMember("HEATER", "Heater", membervalue="Idle"),
+            LightMember("LIMITS", "Limits", membervalue="Idle")]),
         SwitchVector("DEBUG", "Debug", "Options", "rw", "OneOfMany", "Idle", [
             SwitchMember("ENABLE", "Enable", membervalue="On" if debug else "Off"),
             SwitchMember("DISABLE", "Disable", membervalue="Off" if debug else "On")]),
@@ -776,7 +1249,7 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
             SwitchMember("CONFIG_PURGE", "Purge", membervalue="Off")]),
     ]
     return ThermoDriver(Device(devicename, properties), thermostat, poll_interval,
-                        config=config, given=given, debug=debug)
+                        config=config, given=given, debug=debug, hardware_timeout=hardware_timeout)
 
 
 def make_server(*drivers, host="localhost", port=7624, max_connections=5):
@@ -809,8 +1282,8 @@ def _number_type(low, high, kind=float):
 
 
 def parse_args(argv=None, prog="thermostat.py"):
-    what = ("A simulated INDI thermostat: a temperature, a target, a heater, and temperature "
-            "logs sent to clients as CSV files. ")
+    what = ("An INDI thermostat, simulated or on a real sensor and heater: a temperature, a target, "
+            "a heater, safety limits, and temperature logs sent to clients as CSV files. ")
     if prog == DRIVER_EXEC:
         description = what + ("This is its executable driver: it speaks INDI on stdin/stdout, "
                               "as libindi's indiserver runs drivers. To serve it on TCP, use "
@@ -828,7 +1301,7 @@ def parse_args(argv=None, prog="thermostat.py"):
                   "  indi_setprop -p 7624 'Thermostat.targetvector.target=21'\n"
                   "under libindi's server:  indiserver indi_thermostat")
     epilog += "\n\n" + textwrap.fill(
-        "Settings (target, poll interval, log period, debug) are saved at every change in "
+        "Settings (target, poll interval, log period, limits, debug) are saved at every change in "
         "$INDICONFIG, else ~/.indi/<device>_config.xml, as libindi's drivers keep theirs; "
         "options given here win over saved values.", 79)
     parser = _ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -851,6 +1324,26 @@ def parse_args(argv=None, prog="thermostat.py"):
                              f"(default: saved, else {DEFAULTS['log_period']:g})")
     parser.add_argument("--log-dir", metavar="DIR",
                         help="also write each finished log file to DIR as <device>-<first timestamp>.csv")
+    parser.add_argument("--sensor", metavar="SPEC", default="simulator",
+                        help="where the temperature comes from: simulator (the default); w1:DIR, a 1-wire "
+                             "sensor's directory, e.g. w1:/sys/bus/w1/devices/28-0316a2796bff (DIR/temperature "
+                             "in millidegrees C); or command:CMD, a command that prints degrees C")
+    parser.add_argument("--heater", metavar="SPEC", default="simulator",
+                        help="what switches the heater: simulator (the default); command:CMD, run as "
+                             "'CMD on' and 'CMD off'; or gpio:CHIP:LINE[:active-low], a GPIO line driving "
+                             "a relay (needs pip install 'thermostat[gpio]')")
+    parser.add_argument("--max-temperature", type=_number_type(TEMPERATURE_MIN, TEMPERATURE_MAX), metavar="T",
+                        help="above T the heater is off whatever the target "
+                             f"(default: saved, else {DEFAULTS['max_temperature']:g})")
+    parser.add_argument("--max-heater-on", type=_number_type(*MAX_HEATER_ON_S), metavar="SECONDS",
+                        help="seconds of continuous heating after which the heater is switched off "
+                             f"and an alarm raised (default: saved, else {DEFAULTS['max_heater_on']:g})")
+    parser.add_argument("--stuck-after", type=_number_type(0.01, 86400), default=STUCK_AFTER,
+                        metavar="SECONDS", help="a sensor that reads exactly the same value for this long "
+                                                "while heating is stuck (default: %(default)s)")
+    parser.add_argument("--hardware-timeout", type=_number_type(0.01, 60), default=HARDWARE_TIMEOUT,
+                        metavar="SECONDS", help="seconds a sensor read or a heater command may take before "
+                                                "it counts as failed (default: %(default)s)")
     parser.add_argument("--max-connections", type=_number_type(1, 10, int), default=5,
                         metavar="N", help="simultaneous clients, 1..10 (default: %(default)s)")
     parser.add_argument("--stdio", action="store_true",
@@ -868,7 +1361,54 @@ def parse_args(argv=None, prog="thermostat.py"):
     args = parser.parse_args(argv)
     if not args.device.strip() or not args.device.isascii():
         parser.error(f"argument --device: {args.device!r} must be non-empty ASCII")
+    if not args.driver_xml:
+        try:
+            args.sensor, args.heater = make_sensor(args.sensor, args.hardware_timeout), \
+                make_heater(args.heater, args.hardware_timeout)
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
+
+
+def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
+    "The sensor a --sensor SPEC names (None for the simulator), or ValueError saying what is wrong."
+    kind, _, rest = spec.partition(":")
+    if spec == "simulator":
+        return None
+    _check_command("--sensor", kind, rest)
+    if kind == "w1" and rest:
+        if not Path(rest).is_dir():
+            raise ValueError(f"argument --sensor: {rest} is not a directory (a 1-wire device's, such as "
+                             f"/sys/bus/w1/devices/28-0316a2796bff)")
+        return W1Sensor(rest)
+    if kind == "command" and shlex.split(rest):
+        return CommandSensor(rest, timeout)
+    raise ValueError(f"argument --sensor: {spec!r} is not simulator, w1:DIR or command:CMD")
+
+
+def make_heater(spec, timeout=HARDWARE_TIMEOUT):
+    "The heater a --heater SPEC names (None for the simulator), or ValueError saying what is wrong."
+    kind, _, rest = spec.partition(":")
+    if spec == "simulator":
+        return None
+    _check_command("--heater", kind, rest)
+    if kind == "command" and shlex.split(rest):
+        return CommandHeater(rest, timeout)
+    if kind == "gpio" and (parts := rest.split(":")) and len(parts) in (2, 3) and all(parts) \
+            and parts[2:] in ([], ["active-low"]):
+        try:
+            return GpioHeater(parts[0], parts[1], active_low=len(parts) == 3)
+        except RuntimeError as exc:
+            raise ValueError(f"argument --heater: {exc}") from None
+    raise ValueError(f"argument --heater: {spec!r} is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]")
+
+
+def _check_command(option, kind, command):
+    if kind == "command":
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            raise ValueError(f"argument {option}: cannot split {command!r} into words: {exc}") from None
 
 
 def configure_logging(verbose):
@@ -926,7 +1466,9 @@ def main(argv=None, prog="thermostat.py"):
     config = None if args.no_config else (args.config or True)
     driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
                          log_period=args.log_period, debug=args.verbose or None, log_dir=args.log_dir,
-                         config=config)
+                         config=config, sensor=args.sensor, heater=args.heater,
+                         max_temperature=args.max_temperature, max_heater_on=args.max_heater_on,
+                         stuck_after=args.stuck_after, hardware_timeout=args.hardware_timeout)
     if args.stdio:
         return asyncio.run(serve_stdio(driver))
     server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)

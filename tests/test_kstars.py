@@ -168,7 +168,8 @@ def test_every_accepted_change_is_saved_at_once_in_libindis_format(started, indi
     assert root.tag == "INDIDriver"
     assert [(e.tag, e.get("device"), e.get("name")) for e in root] == [
         ("newNumberVector", "Thermostat", "targetvector"), ("newNumberVector", "Thermostat", "POLLING_PERIOD"),
-        ("newNumberVector", "Thermostat", "logperiodvector"), ("newSwitchVector", "Thermostat", "DEBUG")]
+        ("newNumberVector", "Thermostat", "logperiodvector"), ("newNumberVector", "Thermostat", "limitsvector"),
+        ("newSwitchVector", "Thermostat", "DEBUG")]
     assert saved(indi_config)[("targetvector", "target")] == "21.50"
     assert not list(indi_config.parent.glob("*.part")) and not (indi_config.parent / ".indi").exists()
     client.close()
@@ -190,6 +191,31 @@ def test_a_restarted_thermostat_comes_back_with_its_target_and_poll_period(start
     target, period = definitions(client, "targetvector", "POLLING_PERIOD")
     assert (member(target, "target"), member(period, "PERIOD_MS")) == ("23.00", "50")
     client.gather(tagged("setNumberVector", name="temperaturevector"), 10, timeout=5)   # 10 s polls would not
+    client.close()
+
+
+def test_safety_limits_are_saved_and_the_command_line_wins_over_them(started, indi_config):
+    first = started()
+    client = first.client()
+    client.send(GET_ALL)
+    client.send('<newNumberVector device="Thermostat" name="limitsvector"><oneNumber name="maxtemperature">'
+                '30</oneNumber><oneNumber name="maxheateron">120</oneNumber></newNumberVector>')
+    assert reply_to(client, "limitsvector").get("state") == "Ok"
+    wait_until(lambda: indi_config.exists() and saved(indi_config).get(("limitsvector", "maxheateron")) == "120",
+               what="the limits saved")
+    client.close()
+    assert first.stop() == 0
+
+    client = started().client()
+    client.send(GET_ALL)
+    limits, = definitions(client, "limitsvector")
+    assert (member(limits, "maxtemperature"), member(limits, "maxheateron")) == ("30.00", "120")
+    client.close()
+
+    client = started("--max-temperature", "40").client()
+    client.send(GET_ALL)
+    limits, = definitions(client, "limitsvector")
+    assert member(limits, "maxtemperature") == "40.00"
     client.close()
 
 
@@ -289,7 +315,7 @@ def test_a_shared_file_keeps_other_devices_entries(indi_config):
     write_config(indi_config, new_number("Other", "targetvector", "target", "30"))
     driver = thermostat.make_driver()
     driver.save_config()
-    assert [e.get("device") for e in ET.parse(indi_config).getroot()] == ["Other"] + ["Thermostat"] * 4
+    assert [e.get("device") for e in ET.parse(indi_config).getroot()] == ["Other"] + ["Thermostat"] * len(thermostat.SAVED_PROPERTIES)
     asyncio.run(driver.load_config_at_start())
     assert driver.thermostat.target == 15.0
 

@@ -1,0 +1,592 @@
+"""The thermostat on real hardware, faked: a 1-wire directory whose temperature
+file the test writes, and a heater command that records what it was told.
+Regulation, every way a sensor or heater fails (heater off, Alert, a message
+that says why) and recovers, both limits, SAFETY_STATUS, and the heater
+switched off at every kind of stop."""
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import thermostat
+from conftest import FAST, ROOT, IndiClient, ServerProcess, free_port, new_number, tagged, wait_for_port
+
+HEATER_SCRIPT = """#!/bin/sh
+# records what it was told; fails to switch on while heater-fails exists, hangs while heater-hangs does
+cd "$(dirname "$0")"
+[ -e heater-hangs ] && exec sleep 30
+if [ "$1" = on ] && [ -e heater-fails ]; then echo "on FAILED" >> heater.log; echo "relay jammed" >&2; exit 3; fi
+echo "$1" >> heater.log
+"""
+
+
+class Rig:
+    "A fake DS18B20 directory and a recording heater command in a folder of their own."
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.w1 = folder / "28-0316a2796bff"
+        self.w1.mkdir()
+        self.heater = folder / "heater"
+        self.heater.write_text(HEATER_SCRIPT)
+        self.heater.chmod(0o755)
+        self.log = folder / "heater.log"
+        self.write("21500")
+
+    def write(self, text):
+        "Replace the sensor's temperature file at once, as the kernel presents a whole reading."
+        partial = self.w1 / "temperature.new"
+        partial.write_text(f"{text}\n")
+        os.replace(partial, self.w1 / "temperature")
+
+    def flag(self, name, present=True):
+        path = self.folder / name
+        path.touch() if present else path.unlink()
+
+    def told(self):
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def wait_told(self, last, after=0, timeout=10.0):
+        "Wait until the heater's last command is `last`, with more than `after` commands in all."
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            told = self.told()
+            if len(told) > after and told[-1] == last:
+                return told
+            time.sleep(0.02)
+        raise AssertionError(f"the heater was never last told {last!r}: {self.told()}")
+
+    def options(self, *more):
+        return ["--sensor", f"w1:{self.w1}", "--heater", f"command:{self.heater}",
+                "--hardware-timeout", "0.5", *more]
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(tmp_path)
+
+
+def setvector(name, state=None, message=None):
+    "A condition on a set*Vector: its name, and optionally its state and words in its message."
+    def match(element):
+        return (element.tag.startswith("set") and element.get("name") == name
+                and (state is None or element.get("state") == state)
+                and (message is None or message in (element.get("message") or "")))
+    return match
+
+
+def members(element):
+    return {one.get("name"): one.text.strip() for one in element}
+
+
+def watch(server):
+    client = server.client()
+    client.send('<getProperties version="1.7"/>')
+    return client
+
+
+def expect_safety(client, state, **lights):
+    "Wait for SAFETY_STATUS in state with these lights (the others Ok)."
+    wanted = {"SENSOR": "Ok", "HEATER": "Ok", "LIMITS": "Ok", **lights}
+    return client.expect(lambda e: setvector("SAFETY_STATUS", state)(e) and members(e) == wanted,
+                         what=f"SAFETY_STATUS {state} {wanted}")
+
+
+def heating(rig, served, *options, target=25):
+    "A served thermostat reading 21.5 with a target above it: the heater on, all Ok."
+    server = served(*rig.options("--target", str(target), *options))
+    client = watch(server)
+    client.expect(lambda e: setvector("temperaturevector", "Ok")(e) and members(e)["temperature"] == "21.50")
+    client.expect(lambda e: setvector("heatervector")(e) and members(e)["heater"] == "Busy")
+    expect_safety(client, "Ok")
+    assert rig.wait_told("on")[:2] == ["off", "on"]     # off at start, then on by regulation
+    return server, client
+
+
+def test_regulates_on_real_readings(rig, served):
+    server, client = heating(rig, served)
+    rig.write("26000")                                  # above target + 0.5
+    client.expect(lambda e: setvector("temperaturevector", "Ok")(e) and members(e)["temperature"] == "26.00")
+    client.expect(lambda e: setvector("heatervector")(e) and members(e)["heater"] == "Idle")
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]
+    rig.write("24400")                                  # below target - 0.5
+    assert rig.wait_told("on", after=3) == ["off", "on", "off", "on"]
+
+
+def test_a_command_sensor_regulates_too(rig, served, tmp_path):
+    (tmp_path / "reading").write_text("21.5\n")
+    server = served("--sensor", f"command:cat {tmp_path / 'reading'}", "--heater", f"command:{rig.heater}",
+                    "--target", "25")
+    client = watch(server)
+    client.expect(lambda e: setvector("temperaturevector", "Ok")(e) and members(e)["temperature"] == "21.50")
+    rig.wait_told("on")
+    (tmp_path / "reading").write_text("forty\n")
+    alert = client.expect(setvector("temperaturevector", "Alert", f"[ERROR] sensor: the output of cat "
+                                                                   f"{tmp_path / 'reading'}"))
+    assert "'forty'" in alert.get("message")
+    rig.wait_told("off", after=2)
+
+
+def fifo_without_writer(rig):
+    "A temperature file whose read blocks, as a hung 1-wire bus does; returns a function that unblocks it."
+    path = rig.w1 / "temperature"
+    path.unlink()
+    os.mkfifo(path)
+
+    def release():
+        with open(path, "w") as writer:        # the blocked read gets a good reading
+            writer.write("21500\n")
+        rig.write("21500")                      # and later reads a plain file again
+    return release
+
+
+@pytest.mark.parametrize("fault, why", [
+    ("missing", "No such file or directory"),
+    ("", "is empty"),
+    ("garbage", "'garbage'"),          # parse_number's words name the value received
+    ("85000", "reads 85000, the DS18B20's power-on value, not a temperature"),
+    ("130000", "'130000'"),
+    ("-60000", "'-60000'"),
+    ("hung", "no reading within 0.5 s"),
+])
+def test_a_failing_sensor_turns_the_heater_off_says_why_and_recovers(rig, served, fault, why):
+    server, client = heating(rig, served)
+    release = None
+    if fault == "missing":
+        (rig.w1 / "temperature").unlink()
+    elif fault == "hung":
+        release = fifo_without_writer(rig)
+    else:
+        rig.write(fault)
+    alert = client.expect(setvector("temperaturevector", "Alert"), what="the temperature in Alert")
+    assert alert.get("message").startswith("[ERROR] sensor: ") and why in alert.get("message")
+    assert members(alert)["temperature"] == "21.50", "the last good reading stays shown"
+    expect_safety(client, "Alert", SENSOR="Alert")
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]
+    # every poll while it lasts says Alert, without repeating the message
+    again = client.expect(setvector("temperaturevector", "Alert"))
+    assert again.get("message") is None
+    # good readings return: regulation resumes by itself
+    release() if release else rig.write("21500")
+    back = client.expect(setvector("temperaturevector", "Ok"), what="the temperature Ok again")
+    assert "the sensor reads again: 21.50" in back.get("message")
+    expect_safety(client, "Ok")
+    assert rig.wait_told("on", after=3) == ["off", "on", "off", "on"]
+
+
+def test_a_stuck_sensor_turns_the_heater_off_until_the_reading_moves(rig, served):
+    server, client = heating(rig, served, "--stuck-after", "0.5")
+    alert = client.expect(setvector("temperaturevector", "Alert"), what="stuck")
+    assert alert.get("message") == ("[ERROR] sensor: stuck: it read 21.5 for 0.5 s while the heater was on; "
+                                    "the heater is off until good readings return")
+    expect_safety(client, "Alert", SENSOR="Alert")
+    rig.wait_told("off", after=2)
+    client.expect(setvector("temperaturevector", "Alert"))     # two more polls: the same value
+    client.expect(setvector("temperaturevector", "Alert"))     # stays refused, heater off or not
+    assert rig.told() == ["off", "on", "off"]
+    rig.write("21600")
+    client.expect(setvector("temperaturevector", "Ok", "the sensor reads again: 21.60"))
+    rig.wait_told("on", after=3)
+
+
+def test_a_failing_heater_command_is_reported_and_the_heater_switched_off(rig, served):
+    rig.write("26000")
+    server = served(*rig.options("--target", "25"))
+    client = watch(server)
+    expect_safety(client, "Ok")
+    rig.flag("heater-fails")
+    rig.write("21500")
+    alert = client.expect(setvector("heatervector", "Alert"), what="the heater in Alert")
+    assert alert.get("message") == (f"[ERROR] heater: switching it on failed: {rig.heater} on exited with "
+                                    f"status 3: relay jammed")
+    assert members(alert)["heater"] == "Alert"
+    expect_safety(client, "Alert", HEATER="Alert")
+    assert rig.wait_told("off", after=2)[:3] == ["off", "on FAILED", "off"]   # a failed on, then off
+    rig.flag("heater-fails", present=False)
+    back = client.expect(setvector("heatervector", message="the heater switches again"))
+    assert members(back)["heater"] == "Busy" and back.get("state") == "Idle"
+    expect_safety(client, "Ok")
+    assert rig.wait_told("on")[-1] == "on"
+
+
+def test_a_hung_heater_command_times_out_and_is_reported(rig, served):
+    server, client = heating(rig, served)
+    rig.flag("heater-hangs")
+    rig.write("26000")                                  # regulation asks for off: the command hangs
+    alert = client.expect(setvector("heatervector", "Alert"), what="the heater in Alert")
+    assert alert.get("message").startswith("[ERROR] heater: switching it off failed: ")
+    assert "0.5 s" in alert.get("message")
+    expect_safety(client, "Alert", HEATER="Alert")
+    rig.flag("heater-hangs", present=False)
+    client.expect(setvector("heatervector", message="the heater switches again"))
+    expect_safety(client, "Ok")
+    rig.wait_told("off", after=2)
+
+
+def test_the_maximum_temperature_holds_whatever_the_target(rig, served):
+    server, client = heating(rig, served, "--max-temperature", "30", target=40)
+    rig.write("30100")
+    warning = expect_safety(client, "Busy", LIMITS="Busy")
+    assert warning.get("message") == ("[WARNING] the temperature is above the maximum 30: "
+                                      "the heater stays off until it is 0.5 below it")
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]
+    rig.write("29600")                                  # not yet 0.5 below: still off
+    client.expect(lambda e: setvector("temperaturevector")(e) and members(e)["temperature"] == "29.60")
+    client.expect(setvector("temperaturevector"))
+    assert rig.told() == ["off", "on", "off"]
+    rig.write("29500")
+    assert expect_safety(client, "Ok").get("message").endswith("the heater is within its limits again")
+    rig.wait_told("on", after=3)
+    # the property: a client lowers the limit below the temperature
+    client.send(new_number("Thermostat", thermostat.SAFETY_LIMITS, "maxtemperature", "25"))
+    answer = client.expect(setvector(thermostat.SAFETY_LIMITS), what="the limits answered")
+    assert answer.get("state") == "Ok" and members(answer)["maxtemperature"] == "25.00"
+    expect_safety(client, "Busy", LIMITS="Busy")
+    rig.wait_told("off", after=4)
+    client.send(new_number("Thermostat", thermostat.SAFETY_LIMITS, "maxtemperature", "120"))
+    refused = client.expect(setvector(thermostat.SAFETY_LIMITS), what="the limits answered")
+    assert refused.get("state") == "Alert" and "'120'" in refused.get("message")
+    assert members(refused)["maxtemperature"] == "25.00"
+
+
+def test_the_heater_on_time_alarm_latches_until_a_new_target(rig, served):
+    server, client = heating(rig, served, "--max-heater-on", "1")
+    alarm = expect_safety(client, "Alert", LIMITS="Alert")
+    assert alarm.get("message").startswith("[ERROR] the heater ran 1 s without a break: it stays off until ")
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]
+    rig.write("21400")                                  # still cold: the alarm holds
+    client.expect(lambda e: setvector("temperaturevector")(e) and members(e)["temperature"] == "21.40")
+    client.expect(setvector("temperaturevector"))
+    assert rig.told() == ["off", "on", "off"]
+    client.send(new_number("Thermostat", "targetvector", "target", "25"))      # a person acknowledges
+    assert expect_safety(client, "Ok").get("message").endswith("the heater is within its limits again")
+    rig.wait_told("on", after=3)
+    expect_safety(client, "Alert", LIMITS="Alert")      # and it trips again a second later
+    rig.wait_told("off", after=4)
+    rig.write("25000")                                  # back within the band on its own: re-armed
+    expect_safety(client, "Ok")
+
+
+def test_the_heater_on_time_is_a_saved_limit_clients_can_change(rig, served):
+    server, client = heating(rig, served)
+    client.send(new_number("Thermostat", thermostat.SAFETY_LIMITS, "maxheateron", "1"))
+    answer = client.expect(setvector(thermostat.SAFETY_LIMITS, "Ok"))
+    assert members(answer) == {"maxtemperature": "50.00", "maxheateron": "1"}
+    expect_safety(client, "Alert", LIMITS="Alert")
+    rig.wait_told("off", after=2)
+
+
+def test_indi_eval_waits_for_a_safety_alert(rig, served):
+    server, client = heating(rig, served)
+    waiting = subprocess.Popen(["indi_eval", "-p", str(server.port), "-w", "-t", "20",
+                                '"Thermostat.SAFETY_STATUS._STATE"==3'], stderr=subprocess.DEVNULL)
+    client.expect(setvector("temperaturevector"))       # indi_eval has had time to read Ok at least once
+    client.expect(setvector("temperaturevector"))
+    assert waiting.poll() is None, "indi_eval must wait while all is Ok"
+    rig.write("garbage")
+    assert waiting.wait(timeout=20) == 0
+
+
+def test_disconnect_switches_the_heater_off_and_safety_goes_idle(rig, served):
+    server, client = heating(rig, served)
+    client.send('<newSwitchVector device="Thermostat" name="CONNECTION">'
+                '<oneSwitch name="CONNECT">Off</oneSwitch><oneSwitch name="DISCONNECT">On</oneSwitch>'
+                '</newSwitchVector>')
+    client.expect(setvector("SAFETY_STATUS", "Idle"))
+    rig.wait_told("off", after=2)
+    client.send('<newSwitchVector device="Thermostat" name="CONNECTION">'
+                '<oneSwitch name="CONNECT">On</oneSwitch><oneSwitch name="DISCONNECT">Off</oneSwitch>'
+                '</newSwitchVector>')
+    expect_safety(client, "Ok")
+    rig.wait_told("on", after=3)
+
+
+# -- the model alone: time passed in, nothing sleeps -----------------------
+
+START = thermostat.datetime(2026, 1, 1, tzinfo=thermostat.timezone.utc)
+
+
+class Bench:
+    "A sensor that reads what the test says, and a heater that records; both instant."
+    instant = True
+    valid_range = thermostat.SENSOR_RANGE
+
+    def __init__(self, value):
+        self.value, self.told = value, []
+
+    def read(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+    def switch(self, on):
+        self.told.append(on)
+
+
+def control_on_bench(value=21.5, **limits):
+    bench = Bench(value)
+    return bench, thermostat.ThermalControl(sensor=bench, heater=bench, target=25, **limits)
+
+
+def at(seconds):
+    return START + thermostat.timedelta(seconds=seconds)
+
+
+def test_stuck_means_the_same_value_for_stuck_after_seconds_of_heating():
+    bench, control = control_on_bench(stuck_after=600)
+    control.step(at(0))
+    assert bench.told == [True]
+    assert control.step(at(599)).safety.sensor is None
+    stuck = control.step(at(600))
+    assert stuck.safety.sensor == "stuck: it read 21.5 for 600 s while the heater was on"
+    assert bench.told == [True, False] and not stuck.in_band
+    assert control.step(at(5000)).safety.sensor, "still the same value: still stuck, heater off or not"
+    bench.value = 21.5625
+    assert control.step(at(5010)).safety.sensor is None and bench.told[-1] is True
+
+
+def test_the_same_value_with_the_heater_off_is_not_stuck():
+    bench, control = control_on_bench(value=30.0, stuck_after=600)
+    for seconds in range(0, 3600, 60):
+        assert control.step(at(seconds)).safety.sensor is None
+    assert bench.told == []
+
+
+def test_refused_readings_are_not_logged_and_the_last_good_value_is_kept():
+    bench, control = control_on_bench()
+    control.start_logging(START)
+    control.step(at(0))
+    bench.value = OSError("bus error")
+    reading = control.step(at(10))
+    assert reading.temperature == 21.5 and reading.safety.sensor == "bus error"
+    assert not reading.heater_on and bench.told == [True, False]
+    control.stop_logging()
+    (logfile,) = control.backlog
+    assert len(logfile.rows) == 1
+
+
+def test_the_on_time_alarm_trips_at_max_heater_on_and_rearms_in_band_or_on_a_new_target():
+    bench, control = control_on_bench(max_heater_on=3600, stuck_after=86400)
+    control.step(at(0))
+    assert control.step(at(3599)).heater_on
+    alarm = control.step(at(3600))
+    assert not alarm.heater_on and alarm.safety.alarm and alarm.safety.lights()["LIMITS"] == "Alert"
+    assert not control.step(at(7200)).heater_on, "latched"
+    control.rearm()
+    assert control.step(at(7210)).heater_on
+    control.step(at(10810))
+    assert control.on_time_alarm
+    bench.value = 25.0                                   # within the band: re-armed
+    assert control.step(at(10820)).safety == thermostat.Safety()
+
+
+def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
+    class Jammed(Bench):
+        def switch(self, on):
+            self.told.append(on)
+            if on:
+                raise RuntimeError("relay jammed")
+    bench = Jammed(21.5)
+    control = thermostat.ThermalControl(sensor=bench, heater=bench, target=25)
+    reading = control.step(at(0))
+    assert bench.told == [True, False] and not reading.heater_on
+    assert reading.safety.heater == "switching it on failed: relay jammed"
+    assert reading.safety.lights() == {"SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok"}
+
+
+# -- the heater is switched off at every kind of stop ----------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_switches_the_heater_off(rig, served, signum):
+    server, client = heating(rig, served)
+    server.process.send_signal(signum)
+    assert server.process.wait(timeout=5) == 0
+    assert rig.told() == ["off", "on", "off"]
+
+
+def test_end_of_input_under_stdio_switches_the_heater_off(rig):
+    driver = subprocess.Popen([sys.executable, str(ROOT / "thermostat.py"), "--stdio", *FAST,
+                               *rig.options("--target", "25")],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rig.wait_told("on")
+        driver.stdin.close()
+        assert driver.wait(timeout=5) == 0
+    finally:
+        driver.kill()
+        driver.wait()
+    assert rig.told() == ["off", "on", "off"]
+
+
+def test_indi_thermostat_under_indiserver_switches_the_heater_off_when_indiserver_stops(rig, tmp_path):
+    wrapper = tmp_path / "indi_thermostat_w1"    # indiserver passes no options: a wrapper gives them
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('indi_thermostat')} --poll-interval 0.05 "
+                       f"{' '.join(rig.options('--target', '25'))}\n")
+    wrapper.chmod(0o755)
+    port = free_port()
+    server = subprocess.Popen(["indiserver", "-p", str(port), "-u", str(tmp_path / "indiserver.sock"),
+                               str(wrapper)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process=server)
+        rig.wait_told("on")
+    finally:
+        server.terminate()
+        server.wait(timeout=5)
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]
+
+
+def test_an_error_that_ends_the_driver_switches_the_heater_off_first():
+    "A Python integrator's sensor and heater objects, and a link that fails while the heater is on."
+    told = []
+
+    class Sensor:
+        def read(self):
+            return 21.5
+
+    class Heater:
+        def switch(self, on):
+            told.append("on" if on else "off")
+
+    class FailingLink:
+        async def run_rx(self):
+            while told[-1:] != ["on"]:
+                await asyncio.sleep(0.01)
+            raise RuntimeError("the link failed")
+
+        async def run_tx(self, xmldata):
+            pass
+
+        def shutdown(self):
+            pass
+
+    driver = thermostat.make_driver(target=25, poll_interval=0.02, sensor=Sensor(), heater=Heater())
+    driver._commsobj = FailingLink()
+
+    async def run():
+        with pytest.raises(ExceptionGroup):
+            await asyncio.wait_for(driver.asyncrun(), 10)
+    asyncio.run(run())
+    assert told == ["off", "on", "off"]
+
+
+def test_a_slow_sensor_is_read_off_the_event_loop():
+    "Its read() waits for the event loop to act: read on the loop's own thread, it would never get there."
+    started, released = threading.Event(), threading.Event()
+
+    class SlowSensor:
+        def read(self):
+            started.set()
+            if not released.wait(5):
+                raise TimeoutError("the event loop was blocked")
+            return 21.5
+
+    driver = thermostat.make_driver(target=25, poll_interval=0.02, sensor=SlowSensor(), hardware_timeout=10)
+    sent = []
+
+    class Link:
+        async def run_tx(self, xmldata):
+            sent.append(xmldata)
+
+        def shutdown(self):
+            pass
+    driver._commsobj = Link()
+
+    def temperatures():
+        return [(e.get("state"), e[0].text.strip()) for e in sent if e.get("name") == "temperaturevector"]
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        released.set()                              # only the event loop can do this
+        async with asyncio.timeout(10):
+            while not temperatures():
+                await asyncio.sleep(0.01)
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 10)
+    asyncio.run(run())
+    assert temperatures()[0] == ("Ok", "21.50")
+    assert driver.thermostat.heater_on is False, "the simulated heater was switched off at stop"
+
+
+def test_a_hung_sensor_holds_up_neither_shutdown_nor_the_heater_off():
+    hung = threading.Event()
+    told = []
+
+    class HungSensor:
+        def read(self):
+            hung.set()
+            threading.Event().wait()        # never returns (a daemon thread: it does not hold up the exit)
+
+    class Heater:
+        instant = True
+
+        def switch(self, on):
+            told.append(on)
+
+    driver = thermostat.make_driver(poll_interval=0.02, sensor=HungSensor(), heater=Heater(),
+                                    hardware_timeout=60)
+
+    class Link:
+        async def run_tx(self, xmldata):
+            pass
+
+        def shutdown(self):
+            pass
+    driver._commsobj = Link()
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        while not hung.is_set():
+            await asyncio.sleep(0.01)
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 5)         # not the 60 s of the sensor's timeout
+    asyncio.run(run())
+    assert told == [False, False]                   # off at start, off at stop
+
+
+# -- the command line ------------------------------------------------------
+
+def run(*options):
+    return subprocess.run([sys.executable, str(ROOT / "thermostat.py"), *options],
+                          capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--sensor", "w1:/nowhere/28-0"], "argument --sensor: /nowhere/28-0 is not a directory"),
+    (["--sensor", "thermocouple"], "'thermocouple' is not simulator, w1:DIR or command:CMD"),
+    (["--sensor", "command:"], "'command:' is not simulator"),
+    (["--heater", "gpio:gpiochip0"], "is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]"),
+    (["--heater", "relay"], "'relay' is not simulator"),
+    (["--heater", "command:relay 'on"], "cannot split \"relay 'on\" into words: No closing quotation"),
+    (["--max-temperature", "100"], "outside -50..99"),
+    (["--max-heater-on", "0"], "outside 1..604800"),
+    (["--hardware-timeout", "0"], "outside"),
+])
+def test_bad_hardware_options_are_one_clear_line(options, words):
+    result = run(*options)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
+
+
+def test_help_explains_the_hardware_options():
+    result = run("--help")
+    for words in ("--sensor SPEC", "w1:DIR", "command:CMD", "gpio:CHIP:LINE[:active-low]", "--max-temperature T",
+                  "--max-heater-on SECONDS", "--stuck-after SECONDS", "--hardware-timeout SECONDS"):
+        assert words in result.stdout
+
+
+def test_gpio_without_the_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gpiod", None)     # as when the gpio extra is not installed
+    with pytest.raises(ValueError) as error:
+        thermostat.make_heater("gpio:gpiochip0:17:active-low")
+    assert str(error.value) == ("argument --heater: --heater gpio needs libgpiod's Python bindings: "
+                                "pip install 'thermostat[gpio]' (or pip install gpiod)")
