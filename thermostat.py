@@ -12,11 +12,17 @@ of indipydriver and indipyserver, with the versions they were verified on.
 import argparse
 import asyncio
 import collections
+import errno
+import hashlib
 import logging
 import math
 import os
+import re
 import signal
+import stat
 import sys
+import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -69,17 +75,38 @@ logger.addFilter(WarningThrottle())
 TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
 HEATING_STEP = 0.2     # degrees the temperature moves each poll
 HYSTERESIS = 0.5       # the heater switches beyond target +/- this
+MAX_FILE_BYTES = 1 << 20          # a log file is cut early at this size: the bound of one BLOB
+MAX_UNWRITTEN_BYTES = 16 << 20    # log rows held in memory while log_dir cannot be written
+
+_UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_INDI_NUMBER = re.compile(      # decimal, or sexagesimal with one kind of separator: 21:30:15, 21;30, 21 30
+    rf"(?P<sign>[+-]?)(?:(?P<decimal>{_UNSIGNED}(?:[eE][+-]?\d+)?)"
+    rf"|(?P<degrees>{_UNSIGNED})(?P<separator>[:;]| +)(?P<minutes>{_UNSIGNED})"
+    rf"(?:(?P=separator)(?P<seconds>{_UNSIGNED}))?)", re.ASCII)
 
 
 def parse_number(text, what, low, high):
     """Return text as a float within low..high, in any INDI number format
-    (decimal, "21:30", "21 30"), or raise ValueError saying what is wrong."""
-    try:
-        value = indipydriver.getfloat(text)
-    except TypeError:
-        value = math.nan
+    (decimal, "21:30", "21;30", "21 30"), or raise ValueError saying what is wrong."""
+    expected = f"{what} must be a number from {low:g} to {high:g}; received {text!r}"
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _INDI_NUMBER.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"{expected}, which is not a number (decimal, or sexagesimal "
+                             f"as 21:30, 21;30 or 21 30)")
+        if match["decimal"]:
+            value = float(match["decimal"])
+        else:
+            minutes, seconds = float(match["minutes"]), float(match["seconds"] or 0)
+            if minutes >= 60 or seconds >= 60:
+                raise ValueError(f"{expected}: minutes and seconds must be below 60")
+            value = float(match["degrees"]) + minutes / 60 + seconds / 3600
+        if match["sign"] == "-":
+            value = -value
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{what} must be a number from {low:g} to {high:g}; received {text!r}")
+        raise ValueError(expected)
     return value
 
 
@@ -87,6 +114,18 @@ def indi_timestamp(moment):
     """The text of a UTC datetime as INDI carries it, and as indipydriver
     writes it into every timestamp attribute."""
     return moment.replace(tzinfo=None).isoformat(sep="T")
+
+
+def file_prefix(devicename):
+    """The start of a device's log file names. Letters, digits, space, '.',
+    '_', '-' and '~' stand as they are; every other character is %-encoded
+    ('/' as %2F, ':' as %3A), so that a name stays inside its folder, is
+    valid on Linux, macOS and Windows, and no two devices share one; a very
+    long name is cut, with a hash of the whole to keep it unique."""
+    prefix = urllib.parse.quote(devicename, safe=" ")
+    if len(prefix) > 100:
+        prefix = f"{prefix[:80]}~{hashlib.sha256(devicename.encode()).hexdigest()[:12]}"
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -99,41 +138,233 @@ class Reading:
 
 @dataclass
 class LogFile:
-    """One CSV file of the temperature log: rows `timestamp,temperature`."""
+    """One CSV file of the temperature log: rows `timestamp,temperature`,
+    named <prefix>-<first reading's UTC time>.csv, with '-' for ':' in
+    the time (the rows keep the INDI timestamps)."""
     prefix: str
     rows: list = field(default_factory=list)
+    size: int = 0           # bytes of its content
+    first: datetime = None  # the time of its first reading
 
     HEADER = "timestamp,temperature\n"
 
+    def __post_init__(self):
+        self.size = len(self.HEADER) + sum(map(len, self.rows))
+
+    @staticmethod
+    def row(reading):
+        return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n"
+
     def add(self, reading):
-        self.rows.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n")
+        row = self.row(reading)
+        if not self.rows:
+            self.first = reading.timestamp
+        self.rows.append(row)
+        self.size += len(row)
 
     @property
     def name(self):
-        first_timestamp = self.rows[0].split(",", 1)[0]
-        return f"{self.prefix}-{first_timestamp}.csv"
+        return f"{self.prefix}-{self.first:%Y-%m-%dT%H-%M-%S.%f}.csv"
 
     def content(self):
         return (self.HEADER + "".join(self.rows)).encode()
 
 
+_LOG_ROW = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?,-?\d+\.\d\d\n")
+
+
+def whole_rows(data):
+    "(bytes, rows) of data that form a well-formed log file: the header, then whole rows."
+    if not data.startswith(LogFile.HEADER.encode()):
+        return 0, 0
+    end, rows = len(LogFile.HEADER), 0
+    while (match := _LOG_ROW.match(data, end)) is not None:
+        end, rows = match.end(), rows + 1
+    return end, rows
+
+
+def check_log_dir(folder):
+    "Create folder if need be and check that files can be written in it, or raise ValueError saying why."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"log directory {folder} is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe, path = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(probe)
+        os.unlink(path)
+    except OSError as exc:
+        raise ValueError(f"cannot write log files in {folder}: {exc.strerror or exc}") from None
+
+
+class LogWriter:
+    """Writes one device's log files into a folder as they grow, so that a
+    crash or a power cut loses at most the reading being written: each row
+    is appended to <name>.part and synced to the disk (fdatasync), and the
+    file takes its final name, atomically, once complete. Partial files a
+    crash left behind are completed at start (whole rows kept). When writing
+    fails (disk full, folder removed, replaced or read-only), finished files
+    wait in memory, up to max_unwritten bytes (the oldest dropped beyond),
+    and the disk is caught up, oldest first, at the first retry that works
+    (one every retry_seconds of readings). One error says when writing
+    starts failing, one line when it works again; a file is never left with
+    half a row."""
+
+    def __init__(self, folder, prefix, *, max_unwritten=MAX_UNWRITTEN_BYTES, retry_seconds=1.0):
+        check_log_dir(folder)
+        self.folder, self.prefix = Path(folder), prefix
+        self.max_unwritten, self.retry_seconds = max_unwritten, retry_seconds
+        self.unwritten = collections.deque()    # finished files not yet on disk, oldest first
+        self.unwritten_bytes = 0
+        self.failure = None                     # why writing fails, while it does
+        self._retry_at = None
+        self._open = None       # the LogFile whose .part is open as _fd
+        self._fd = None
+        self._rows_on_disk = self._bytes_on_disk = 0
+        self.recover()
+
+    def append(self, logfile, now):
+        "logfile, the file being logged, has a new last row: put it on the disk."
+        if self.failure is None or now >= self._retry_at:
+            self._catch_up(logfile, now)
+
+    def finish(self, logfile, now=None):
+        "logfile is complete: it goes on the disk under its final name (now or at a later retry)."
+        self.unwritten.append(logfile)
+        self.unwritten_bytes += logfile.size
+        while self.unwritten_bytes > self.max_unwritten:
+            dropped = self.unwritten.popleft()
+            self.unwritten_bytes -= dropped.size
+            logger.error("log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
+                         self.folder, self.max_unwritten, dropped.name, len(dropped.rows))
+        if self.failure is None or now is None or now >= self._retry_at:
+            self._catch_up(None, now)
+
+    def recover(self):
+        "Complete the partial files of this device that a crash left behind; whole rows are kept."
+        pattern = re.compile(re.escape(self.prefix) + r"-\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{6}\.csv\.part")
+        for partial in sorted(self.folder.iterdir()):
+            if not pattern.fullmatch(partial.name):
+                continue
+            final = partial.with_name(partial.name.removesuffix(".part"))
+            try:
+                length, rows = whole_rows(partial.read_bytes())
+                if rows == 0 or final.exists():
+                    partial.unlink()        # nothing to keep, or already complete
+                    continue
+                os.truncate(partial, length)
+                with open(partial, "rb") as data:
+                    os.fsync(data.fileno())
+                os.rename(partial, final)
+                self._sync_folder()
+                logger.warning("completed %s, left unfinished by a crash: %d rows kept", final.name, rows)
+            except OSError as exc:
+                logger.error("cannot complete %s, left unfinished by a crash: %s", partial, exc.strerror or exc)
+
+    def _catch_up(self, current, now):
+        "Write every finished file still unwritten, then current's new rows."
+        try:
+            while self.unwritten:
+                if self._open is not self.unwritten[0]:
+                    self._start(self.unwritten[0])
+                self._append_rest()
+                self._finalize()
+                self.unwritten_bytes -= self.unwritten.popleft().size
+            if current is not None and current.rows:
+                if self._open is not current:
+                    self._start(current)
+                self._append_rest()
+        except OSError as exc:
+            self._failed(exc, now)
+            return
+        if self.failure is not None:
+            logger.warning("log files are written to %s again", self.folder)
+            self.failure = None
+
+    def _start(self, logfile):
+        self._close()
+        self.folder.mkdir(parents=True, exist_ok=True)      # a folder removed meanwhile is made again
+        self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._open, self._rows_on_disk, self._bytes_on_disk = logfile, 0, 0
+        self._write(LogFile.HEADER.encode())
+        self._sync_folder()
+
+    def _append_rest(self):
+        rows = self._open.rows[self._rows_on_disk:]
+        if not rows:
+            return
+        if os.fstat(self._fd).st_nlink == 0:
+            raise FileNotFoundError(errno.ENOENT, "the partial log file was removed", str(self._partial(self._open)))
+        self._write("".join(rows).encode())
+        os.fdatasync(self._fd)
+        self._rows_on_disk += len(rows)
+
+    def _write(self, data):
+        written = 0
+        while written < len(data):
+            written += os.write(self._fd, data[written:])
+        self._bytes_on_disk += written
+
+    def _finalize(self):
+        partial = self._partial(self._open)
+        os.rename(partial, partial.with_name(self._open.name))
+        self._close()
+        self._sync_folder()
+
+    def _failed(self, exc, now):
+        if self._fd is not None:
+            try:                        # never half a row, nor a file without one
+                if self._rows_on_disk:
+                    os.ftruncate(self._fd, self._bytes_on_disk)
+                else:
+                    os.unlink(self._partial(self._open))
+            except OSError:
+                pass
+        self._close()
+        self._retry_at = (now or datetime.now(timezone.utc)) + timedelta(seconds=self.retry_seconds)
+        if self.failure is None:
+            self.failure = exc.strerror or str(exc)
+            logger.error("cannot write log files to %s (%s): they are kept in memory, up to %d bytes, "
+                         "and written when writing works again", self.folder, self.failure, self.max_unwritten)
+
+    def _close(self):
+        if self._fd is not None:
+            fd, self._fd, self._open = self._fd, None, None
+            os.close(fd)
+
+    def _partial(self, logfile):
+        return self.folder / f"{logfile.name}.part"
+
+    def _sync_folder(self):
+        folder = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 class ThermalControl:
     """A simulated thermostat. Each step() moves the temperature one
-    HEATING_STEP up (heater on) or down (heater off) and switches the heater
-    around target +/- HYSTERESIS. While logging, every reading goes into the
-    current log file, which is cut every log_period seconds; finished files
-    wait in a bounded backlog until sent, and are also written to log_dir."""
+    HEATING_STEP up (heater on) or down (heater off), within
+    TEMPERATURE_MIN..TEMPERATURE_MAX, and switches the heater around target
+    +/- HYSTERESIS. While logging, every reading goes into the current log
+    file, which is cut every log_period seconds, or early at max_file_bytes;
+    finished files wait in a bounded backlog until sent. With a log_dir,
+    every reading is also on disk as it is logged (see LogWriter)."""
 
     def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0,
-                 log_period=300.0, log_dir=None, max_backlog=16):
+                 log_period=300.0, log_dir=None, max_backlog=16, max_file_bytes=MAX_FILE_BYTES):
         self.name = name
         self.temperature = temperature
         self.target = parse_number(target, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
         self.heater_on = False
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.file_prefix = file_prefix(name)
+        self.writer = LogWriter(log_dir, self.file_prefix) if log_dir is not None else None
         self.backlog = collections.deque()
         self.max_backlog = max_backlog
+        self.max_file_bytes = max_file_bytes
         self._logfile = None        # the file being written, None while logging is off
         self._period_start = None   # when the current file's log period began
 
@@ -149,32 +380,25 @@ class ThermalControl:
     def step(self, now):
         "Advance one poll at time now (an aware UTC datetime); return the reading."
         step = HEATING_STEP if self.heater_on else -HEATING_STEP
-        self.temperature = round(self.temperature + step, 2)
+        self.temperature = min(max(round(self.temperature + step, 2), TEMPERATURE_MIN), TEMPERATURE_MAX)
         if self.temperature > self.target + HYSTERESIS:
             self.heater_on = False
         elif self.temperature < self.target - HYSTERESIS:
             self.heater_on = True
         reading = Reading(now, self.temperature, self.heater_on, self.in_band)
         if self.logging:
-            period = timedelta(seconds=self.log_period)     # read each time: clients may change it
-            if now >= self._period_start + period:
-                self._finish_file()
-                self._logfile = LogFile(self.name)
-                self._period_start += period
-                if now >= self._period_start + period:      # polls were late: start afresh
-                    self._period_start = now
-            self._logfile.add(reading)
+            self._log(reading, now)
         return reading
 
     def start_logging(self, now):
         if not self.logging:
-            self._logfile = LogFile(self.name)
+            self._logfile = LogFile(self.file_prefix)
             self._period_start = now
 
-    def stop_logging(self):
-        "Stop logging; the partial file, if it has rows, joins the backlog."
+    def stop_logging(self, now=None):
+        "Stop logging; the partial file, if it has rows, joins the backlog (and log_dir)."
         if self.logging:
-            self._finish_file()
+            self._finish_file(now)
             self._logfile = None
 
     def next_unsent(self):
@@ -186,12 +410,29 @@ class ThermalControl:
         if self.backlog and self.backlog[0] is logfile:
             self.backlog.popleft()
 
-    def _finish_file(self):
+    def _log(self, reading, now):
+        period = timedelta(seconds=self.log_period)     # read each time: clients may change it
+        if now >= self._period_start + period:
+            self._finish_file(now)
+            self._logfile = LogFile(self.file_prefix)
+            self._period_start += period
+            if now >= self._period_start + period:      # polls were late: start afresh
+                self._period_start = now
+        elif self._logfile.size + len(LogFile.row(reading)) > self.max_file_bytes:
+            logger.warning("log file %s reached %d bytes before its log period ended: cut there, "
+                           "the next file goes on", self._logfile.name, self._logfile.size)
+            self._finish_file(now)
+            self._logfile = LogFile(self.file_prefix)
+        self._logfile.add(reading)
+        if self.writer is not None:
+            self.writer.append(self._logfile, now)
+
+    def _finish_file(self, now):
         logfile = self._logfile
         if not logfile.rows:
             return
-        if self.log_dir is not None:
-            self._write(logfile)
+        if self.writer is not None:
+            self.writer.finish(logfile, now)
         self.backlog.append(logfile)
         if len(self.backlog) > self.max_backlog:
             dropped = self.backlog.popleft()
@@ -199,22 +440,16 @@ class ThermalControl:
             logger.warning("log backlog full (%d files unsent): dropped %s%s",
                            self.max_backlog, dropped.name, kept)
 
-    def _write(self, logfile):
-        "Write atomically, so that a crash never leaves half a file under the final name."
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            final = self.log_dir / logfile.name
-            partial = final.with_name(final.name + ".part")
-            partial.write_bytes(logfile.content())
-            os.replace(partial, final)
-        except OSError as exc:
-            logger.error("cannot write log file %s to %s: %s", logfile.name, self.log_dir, exc)
-
 
 
 # ---------------------------------------------------------------------------
 # The INDI driver: client requests in, thermostat readings out.
 # ---------------------------------------------------------------------------
+
+# What only a device sends: a driver that receives one for its own device ignores it.
+DEVICE_TAGS = frozenset({"delProperty", *(f"{kind}{vector}Vector" for kind in ("def", "set")
+                                          for vector in ("Text", "Number", "Switch", "Light", "BLOB"))})
+
 
 class ThermoDriver(IPyDriver):
     """Serves one ThermalControl as one INDI device.
@@ -247,7 +482,12 @@ class ThermoDriver(IPyDriver):
         # Everything from the server comes in here. indipydriver drops requests it cannot use
         # without a reply, or raises on some: see answer_unusable_request in the adaptations.
         try:
-            if not await answer_unusable_request(self, root):
+            if root.tag in DEVICE_TAGS and root.get("device") in self:
+                # libindi's indiserver passes on what clients send; indipydriver would take a
+                # definition of our own device as a duplicate and end the driver
+                logger.warning("%s: ignored <%s> for this device from outside: only this driver "
+                               "speaks for it", root.get("device"), root.tag)
+            elif not await answer_unusable_request(self, root):
                 await super()._readdata(root)
         except Exception:
             # An exception must not reach indipyserver, whose TaskGroup would end the whole server.
@@ -305,7 +545,7 @@ class ThermoDriver(IPyDriver):
         if event["switchmember"] == "On":
             self.thermostat.start_logging(datetime.now(timezone.utc))
         else:
-            self.thermostat.stop_logging()
+            self.thermostat.stop_logging(datetime.now(timezone.utc))
             await self.send_log_files()     # the partial file goes out, it is not discarded
         status = "On" if self.thermostat.logging else "Off"
         event.vector["switchmember"] = status
@@ -348,10 +588,15 @@ class ThermoDriver(IPyDriver):
     # -- readings out -------------------------------------------------------
 
     async def hardware(self):
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.control_loop())
-            tasks.create_task(self.update_loop())
-        self.thermostat.stop_logging()      # at shutdown: the partial file reaches log_dir
+        updates = asyncio.create_task(self.update_loop())
+        try:
+            await self.control_loop()
+        finally:
+            # Every way out passes here, and waits on no client or queue: updates still
+            # on their way are dropped, and the partial log file reaches log_dir.
+            updates.cancel()
+            self.thermostat.stop_logging(datetime.now(timezone.utc))
+            await asyncio.wait([updates])
 
     async def control_loop(self):
         loop = asyncio.get_running_loop()
@@ -366,10 +611,6 @@ class ThermoDriver(IPyDriver):
             last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
             if self.connected:
                 self.poll()
-        try:
-            self.readings.put_nowait(None)  # wakes the update loop to stop
-        except asyncio.QueueFull:
-            pass                            # it is busy, and will see self.stop
 
     async def woken_within(self, delay):
         try:
@@ -391,7 +632,8 @@ class ThermoDriver(IPyDriver):
             logger.debug("%s: updates are behind, live reading dropped", self.device.devicename)
 
     async def update_loop(self):
-        while (reading := await self.readings.get()) is not None and not self.stop:
+        while not self.stop:
+            reading = await self.readings.get()
             try:
                 await self.publish_reading(reading)
                 await self.send_log_files()
@@ -455,7 +697,8 @@ def make_driver(devicename="Thermostat", *, target=15.0, poll_interval=10.0,
             TextMember("DRIVER_VERSION", "Version", membervalue=__version__),
             TextMember("DRIVER_INTERFACE", "Interface", membervalue=AUX_INTERFACE)]),
         NumberVector("POLLING_PERIOD", "Polling", "Options", "rw", "Ok", [
-            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", min=POLL_PERIOD_MS[0],
+            # the declared range holds every value sent, one given here below libindi's floor too
+            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", min=min(POLL_PERIOD_MS[0], poll_interval * 1000),
                          max=POLL_PERIOD_MS[1], step=1000, membervalue=f"{poll_interval * 1000:.0f}")]),
         # the thermostat's own
         NumberVector("temperaturevector", "Temperature", "Values", "ro", "Ok", [
@@ -470,7 +713,7 @@ def make_driver(devicename="Thermostat", *, target=15.0, poll_interval=10.0,
         SwitchVector("switchvector", "Logs Control", "Control", "rw", "AtMostOne", "Ok", [
             SwitchMember("switchmember", "Logs", membervalue="Off")]),
         NumberVector("logperiodvector", "Log period", "Control", "rw", "Ok", [
-            NumberMember("logperiod", "Seconds per file", format="%.1f", min=LOG_PERIOD_S[0],
+            NumberMember("logperiod", "Seconds per file", format="%.1f", min=min(LOG_PERIOD_S[0], log_period),
                          max=LOG_PERIOD_S[1], step=60, membervalue=f"{log_period:g}")]),
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
@@ -569,26 +812,70 @@ def driver_xml():
             f'</driversList>\n')
 
 
-async def serve_stdio(driver):
-    """Run driver on stdin/stdout until end of input, SIGINT or SIGTERM; return the exit status."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_signals_before_serving = []
+
+
+def hold_stop_signals():
+    """Until the event loop's handlers take over, a stop signal is noted
+    instead of ending the process wherever start-up was (SIGINT would raise
+    KeyboardInterrupt there), so that it ends the run cleanly too."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: _signals_before_serving.append(signum))
+
+
+def stop_on_signals(stop):
+    """Call stop on SIGINT, SIGTERM, SIGHUP (the terminal closed) or SIGQUIT,
+    and soon if one came during start-up. Call it once the server or driver
+    has started running: their asyncrun() clears an earlier stop."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, driver.shutdown)
-    driver._commsobj = StdioLink(driver)
-    await driver.asyncrun()
-    return 0
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop)
+    if _signals_before_serving:
+        loop.call_soon(stop)
+
+
+async def serve_stdio(driver):
+    """Run driver on stdin/stdout until end of input or a stop signal; return the exit status."""
+    link = driver._commsobj = StdioLink(driver)
+    running = asyncio.create_task(driver.asyncrun())
+    stop_on_signals(driver.shutdown)
+    await running
+    return 1 if link.failure else 0
+
+
+async def finish_promptly(server, running, timeout=1.5):
+    """Once server has stopped, let what still runs end without waiting on
+    any client or queue: nothing reads the server's queue any more, so what
+    is put there is discarded, and a client that does not read is cut off
+    (closing would first flush to it). Return False if running or the
+    tasks serving clients had not ended within timeout seconds."""
+    for client in server.connectionpool:
+        writer = getattr(client, "writer", None)
+        if writer is not None:
+            writer.transport.abort()
+    queue = server.xml_data_que
+
+    async def discard():
+        while True:
+            await queue.get()
+            queue.task_done()
+    discarding = asyncio.create_task(discard())
+    try:
+        if (await asyncio.wait([running], timeout=timeout))[1]:
+            return False
+        others = asyncio.all_tasks() - {asyncio.current_task(), discarding}
+        return not others or not (await asyncio.wait(others, timeout=timeout))[1]
+    finally:
+        discarding.cancel()
 
 
 async def serve(server):
-    """Run server until SIGINT or SIGTERM; return the exit status."""
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.shutdown)
+    """Run server until SIGINT, SIGTERM, SIGHUP or SIGQUIT; return the exit status."""
     running = asyncio.create_task(server.asyncrun())
+    stop_on_signals(server.shutdown)
     await server.stopped.wait()
-    try:
-        await asyncio.wait_for(running, 1.5)    # a stalled client must not hold up the exit
-    except TimeoutError:
+    if not await finish_promptly(server, running):
         logger.warning("shutdown did not finish in time; stopping anyway")
     if server.failure:
         print(f"thermostat.py: error: {server.failure}", file=sys.stderr)
@@ -597,18 +884,28 @@ async def serve(server):
 
 
 def main(argv=None, prog="thermostat.py"):
+    hold_stop_signals()
     args = parse_args(argv, prog)
     if args.driver_xml:
         print(driver_xml(), end="")
         return 0
     configure_logging(args.verbose)
-    driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
-                         log_period=args.log_period, log_dir=args.log_dir)
+    try:
+        driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
+                             log_period=args.log_period, log_dir=args.log_dir)
+    except ValueError as exc:           # a --log-dir that cannot be written: said before serving
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     driver.debug_enable = args.verbose
+    if _signals_before_serving:
+        return 0                        # stopped during start-up: nothing served, nothing logged
     if args.stdio:
-        return asyncio.run(serve_stdio(driver))
-    server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
-    return asyncio.run(serve(server))
+        status = asyncio.run(serve_stdio(driver))
+    else:
+        server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
+        status = asyncio.run(serve(server))
+    hold_stop_signals()                 # the event loop's handlers are gone: a late signal is no crash
+    return status
 
 
 def indi_thermostat():
@@ -810,48 +1107,71 @@ class StdioLink:
     request, 3% CPU idle), keeps running after end of input, and writes to
     stdout as if it blocked: indiserver passes one socket as fd 0 and 1, and
     indipydriver makes fd 0 non-blocking, so large writes lost data or
-    raised BlockingIOError. Here stdin is read by the event loop, end of
-    input shuts the driver down, and every write completes."""
+    raised BlockingIOError. Here stdin is read by the event loop (a regular
+    file or /dev/null, which it cannot watch, is read directly to its end),
+    end of input shuts the driver down, every write completes, and a stdout
+    that cannot be written stops the driver, the reason in self.failure."""
 
     def __init__(self, driver, fd_in=0, fd_out=1):
         self.driver = driver
         self.fd_in, self.fd_out = fd_in, fd_out
+        self.failure = None
         self._transport = None
         self._writing = asyncio.Lock()     # one message at a time, even across partial writes
+        self._waiting = None               # the future a write waits on while stdout is full
 
     async def run_rx(self):
+        read = await self._reader()
+        stream = _IndiStream()
+        while not self.driver.stop and (data := await read()):
+            for element in stream.feed(data):
+                await self.driver._readdata(element)
+        if not self.driver.stop:
+            logger.info("end of input: the driver stops")
+            self.driver.shutdown()
+
+    async def _reader(self):
+        "A coroutine function returning stdin's next data, b'' at its end."
+        mode = os.fstat(self.fd_in).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(self.fd_in)):
+            async def read_file():          # a regular file or /dev/null: the event loop cannot
+                await asyncio.sleep(0)      # watch it, and reading it never waits for a writer
+                return os.read(self.fd_in, 65536)
+            return read_file
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         self._transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), open(self.fd_in, "rb", buffering=0, closefd=False))
-        stream = _IndiStream()
-        while not self.driver.stop and (data := await reader.read(65536)):
-            for element in stream.feed(data):
-                await self.driver._readdata(element)
-        logger.info("end of input: the driver stops")
-        self.driver.shutdown()
+        return lambda: reader.read(65536)
 
     async def run_tx(self, xmldata):
         data = memoryview(ET.tostring(xmldata) + b"\n")
         async with self._writing:
-            while data:
+            while data and not self.driver.stop:
                 try:
                     data = data[os.write(self.fd_out, data):]
                 except BlockingIOError:
                     await self._writable()
+                except OSError as exc:
+                    self.failure = f"cannot write to stdout ({exc.strerror or exc}): the driver stops"
+                    logger.error("%s", self.failure)
+                    self.driver.shutdown()
 
     async def _writable(self):
         loop = asyncio.get_running_loop()
-        ready = loop.create_future()
+        self._waiting = ready = loop.create_future()
         loop.add_writer(self.fd_out, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:
             loop.remove_writer(self.fd_out)
+            self._waiting = None
 
     def shutdown(self):
         if self._transport is not None:
             self._transport.close()         # ends run_rx's read
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)  # a stopping driver waits on no reader
 
 
 class _RelayingRemoteConnection(RemoteConnection):
@@ -1049,6 +1369,9 @@ class ThermoServer(IPyServer):
         except OSError as exc:
             self.failure = f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             self.shutdown()
+            return
+        if self._stop:                  # stopped while the port was being opened
+            self.server.close()
             return
         devices = ", ".join(self.devices) or "no devices"
         logger.info("serving %s on %s:%s (Ctrl-C stops)", devices, self.host, self.port)
