@@ -76,7 +76,7 @@ TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
 HEATING_STEP = 0.2     # degrees the temperature moves each poll
 HYSTERESIS = 0.5       # the heater switches beyond target +/- this
 MAX_FILE_BYTES = 1 << 20          # a log file is cut early at this size: the bound of one BLOB
-MAX_UNWRITTEN_BYTES = 16 << 20    # log rows held in memory while log_dir cannot be written
+MAX_UNWRITTEN_BYTES = 8 << 20     # log rows held in memory while log_dir cannot be written
 
 _UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _INDI_NUMBER = re.compile(      # decimal, or sexagesimal with one kind of separator: 21:30:15, 21;30, 21 30
@@ -229,7 +229,8 @@ class LogWriter:
             self._catch_up(logfile, now)
 
     def finish(self, logfile, now=None):
-        "logfile is complete: it goes on the disk under its final name (now or at a later retry)."
+        """logfile is complete: it goes on the disk under its final name, at
+        once or at a later retry (when now is None, writing is tried at once)."""
         self.unwritten.append(logfile)
         self.unwritten_bytes += logfile.size
         while self.unwritten_bytes > self.max_unwritten:
@@ -395,10 +396,10 @@ class ThermalControl:
             self._logfile = LogFile(self.file_prefix)
             self._period_start = now
 
-    def stop_logging(self, now=None):
-        "Stop logging; the partial file, if it has rows, joins the backlog (and log_dir)."
+    def stop_logging(self):
+        "Stop logging; the partial file, if it has rows, joins the backlog (and log_dir, at once)."
         if self.logging:
-            self._finish_file(now)
+            self._finish_file(None)
             self._logfile = None
 
     def next_unsent(self):
@@ -545,7 +546,7 @@ class ThermoDriver(IPyDriver):
         if event["switchmember"] == "On":
             self.thermostat.start_logging(datetime.now(timezone.utc))
         else:
-            self.thermostat.stop_logging(datetime.now(timezone.utc))
+            self.thermostat.stop_logging()
             await self.send_log_files()     # the partial file goes out, it is not discarded
         status = "On" if self.thermostat.logging else "Off"
         event.vector["switchmember"] = status
@@ -595,7 +596,7 @@ class ThermoDriver(IPyDriver):
             # Every way out passes here, and waits on no client or queue: updates still
             # on their way are dropped, and the partial log file reaches log_dir.
             updates.cancel()
-            self.thermostat.stop_logging(datetime.now(timezone.utc))
+            self.thermostat.stop_logging()
             await asyncio.wait([updates])
 
     async def control_loop(self):
@@ -777,7 +778,8 @@ def parse_args(argv=None, prog="thermostat.py"):
                         metavar="SECONDS", help="seconds of readings in each CSV log file "
                                                 "(default: %(default)s)")
     parser.add_argument("--log-dir", metavar="DIR",
-                        help="also write each finished log file to DIR as <device>-<first timestamp>.csv")
+                        help="also write the log to DIR, each reading as it is taken, in files "
+                             "<device>-<first reading's UTC time>.csv (see the README)")
     parser.add_argument("--max-connections", type=_number_type(1, 10, int), default=5,
                         metavar="N", help="simultaneous clients, 1..10 (default: %(default)s)")
     parser.add_argument("--stdio", action="store_true",

@@ -485,3 +485,17 @@ def test_a_client_definition_through_libindi_indiserver_does_not_end_the_driver(
         client.close()
     finally:
         server.stop()
+
+
+
+def test_definitions_of_its_own_device_from_a_client_of_the_tcp_server_are_ignored(served):
+    server = served()
+    client = server.client()
+    client.send(new_number(DEVICE, "targetvector", "target", "25"))
+    client.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector")
+    client.send("".join(SPOOFS))
+    client.send('<getProperties version="1.7" device="Thermostat" name="targetvector"/>')
+    definition = client.expect(tagged("defNumberVector", name="targetvector"))
+    assert definition.find("defNumber").text.strip() == "25.00"
+    client.close()
+    assert server.stop() == 0 and "WARNING" in server.stderr and "Traceback" not in server.stderr
