@@ -266,14 +266,12 @@ class LogWriter:
         "Write every finished file still unwritten, then current's new rows."
         try:
             while self.unwritten:
-                if self._open is not self.unwritten[0]:
-                    self._start(self.unwritten[0])
+                self._open_for(self.unwritten[0])
                 self._append_rest()
                 self._finalize()
                 self.unwritten_bytes -= self.unwritten.popleft().size
             if current is not None and current.rows:
-                if self._open is not current:
-                    self._start(current)
+                self._open_for(current)
                 self._append_rest()
         except OSError as exc:
             self._failed(exc, now)
@@ -282,10 +280,20 @@ class LogWriter:
             logger.warning("log files are written to %s again", self.folder)
             self.failure = None
 
-    def _start(self, logfile):
+    def _open_for(self, logfile):
+        "Have logfile's .part open: still open, open again as far as it was written, or new."
+        if self._open is logfile and self._fd is not None:
+            return
+        if self._open is logfile:           # after a failure: go on after its whole rows, if still there
+            try:
+                self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_APPEND)
+                if os.fstat(self._fd).st_size == self._bytes_on_disk:
+                    return
+            except OSError:
+                pass
         self._close()
         self.folder.mkdir(parents=True, exist_ok=True)      # a folder removed meanwhile is made again
-        self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
         self._open, self._rows_on_disk, self._bytes_on_disk = logfile, 0, 0
         self._write(LogFile.HEADER.encode())
         self._sync_folder()
@@ -321,7 +329,9 @@ class LogWriter:
                     os.unlink(self._partial(self._open))
             except OSError:
                 pass
+        rows_kept_on_disk = self._open if self._rows_on_disk else None
         self._close()
+        self._open = rows_kept_on_disk      # the next try goes on after them
         self._retry_at = (now or datetime.now(timezone.utc)) + timedelta(seconds=self.retry_seconds)
         if self.failure is None:
             self.failure = exc.strerror or str(exc)
@@ -329,8 +339,8 @@ class LogWriter:
                          "and written when writing works again", self.folder, self.failure, self.max_unwritten)
 
     def _close(self):
-        if self._fd is not None:
-            fd, self._fd, self._open = self._fd, None, None
+        fd, self._fd, self._open = self._fd, None, None
+        if fd is not None:
             os.close(fd)
 
     def _partial(self, logfile):

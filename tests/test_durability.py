@@ -148,6 +148,20 @@ def test_a_full_disk_keeps_rows_in_memory_and_writes_them_when_space_is_back(sma
     assert rows_on_disk(logs) == [row_of(r) for r in before + during + after]
 
 
+def test_rows_on_disk_before_a_fault_stay_there_through_it(small_disk):
+    "A crash while writing fails loses what waits in memory, never what had reached the disk."
+    logs = small_disk / "logs"
+    control = ThermalControl(log_period=3600, log_dir=logs)
+    control.start_logging(START)
+    before = [row_of(r) for r in polls(control, 5)]
+    fill(small_disk)
+    polls(control, 300, start=START + timedelta(seconds=5))    # 300 s of failing writes and retries
+    assert control.writer.failure
+    (partial,) = logs.glob("*.part")
+    rows = partial.read_text().splitlines()[1:]
+    assert rows[:5] == before and partial.read_text().endswith("\n")
+
+
 @pytest.mark.parametrize("fault", ["removed", "replaced by a file"])
 def test_a_folder_removed_or_replaced_loses_nothing(small_disk, caplog, fault):
     logs = small_disk / "logs"
