@@ -335,8 +335,9 @@ class LogWriter:
         self._retry_at = (now or datetime.now(timezone.utc)) + timedelta(seconds=self.retry_seconds)
         if self.failure is None:
             self.failure = exc.strerror or str(exc)
-            logger.error("cannot write log files to %s (%s): they are kept in memory, up to %d bytes, "
-                         "and written when writing works again", self.folder, self.failure, self.max_unwritten)
+            logger.error("cannot write log files to %s (%s): they are kept in memory, up to %g MiB, "
+                         "and written when writing works again", self.folder, self.failure,
+                         self.max_unwritten / 2**20)
 
     def _close(self):
         fd, self._fd, self._open = self._fd, None, None
@@ -856,12 +857,13 @@ async def serve_stdio(driver):
     return 1 if link.failure else 0
 
 
-async def finish_promptly(server, running, timeout=1.5):
+async def finish_promptly(server, running, earlier_tasks, timeout=1.5):
     """Once server has stopped, let what still runs end without waiting on
     any client or queue: nothing reads the server's queue any more, so what
     is put there is discarded, and a client that does not read is cut off
-    (closing would first flush to it). Return False if running or the
-    tasks serving clients had not ended within timeout seconds."""
+    (closing would first flush to it). Return False if running, or the
+    tasks started since earlier_tasks (those serving clients), had not
+    ended within timeout seconds."""
     for client in server.connectionpool:
         writer = getattr(client, "writer", None)
         if writer is not None:
@@ -876,7 +878,7 @@ async def finish_promptly(server, running, timeout=1.5):
     try:
         if (await asyncio.wait([running], timeout=timeout))[1]:
             return False
-        others = asyncio.all_tasks() - {asyncio.current_task(), discarding}
+        others = asyncio.all_tasks() - earlier_tasks - {discarding}
         return not others or not (await asyncio.wait(others, timeout=timeout))[1]
     finally:
         discarding.cancel()
@@ -884,10 +886,11 @@ async def finish_promptly(server, running, timeout=1.5):
 
 async def serve(server):
     """Run server until SIGINT, SIGTERM, SIGHUP or SIGQUIT; return the exit status."""
+    earlier_tasks = asyncio.all_tasks()
     running = asyncio.create_task(server.asyncrun())
     stop_on_signals(server.shutdown)
     await server.stopped.wait()
-    if not await finish_promptly(server, running):
+    if not await finish_promptly(server, running, earlier_tasks):
         logger.warning("shutdown did not finish in time; stopping anyway")
     if server.failure:
         print(f"thermostat.py: error: {server.failure}", file=sys.stderr)
@@ -896,6 +899,7 @@ async def serve(server):
 
 
 def main(argv=None, prog="thermostat.py"):
+    _signals_before_serving.clear()
     hold_stop_signals()
     args = parse_args(argv, prog)
     if args.driver_xml:
