@@ -1125,8 +1125,10 @@ class StdioLink:
     indipydriver makes fd 0 non-blocking, so large writes lost data or
     raised BlockingIOError. Here stdin is read by the event loop (a regular
     file or /dev/null, which it cannot watch, is read directly to its end),
-    end of input shuts the driver down, every write completes, and a stdout
-    that cannot be written stops the driver, the reason in self.failure."""
+    end of input shuts the driver down, every write completes without
+    blocking the event loop (a stdout pipe is made non-blocking too), and a
+    stdout that cannot be written stops the driver, the reason in
+    self.failure."""
 
     def __init__(self, driver, fd_in=0, fd_out=1):
         self.driver = driver
@@ -1137,6 +1139,9 @@ class StdioLink:
         self._waiting = None               # the future a write waits on while stdout is full
 
     async def run_rx(self):
+        mode = os.fstat(self.fd_out).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.set_blocking(self.fd_out, False)     # a reader that lags must not stop the polls
         read = await self._reader()
         stream = _IndiStream()
         while not self.driver.stop and (data := await read()):

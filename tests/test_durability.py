@@ -45,6 +45,14 @@ def row_of(reading):
     return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}"
 
 
+def wait_for_rows(folder, count, timeout=10):
+    "Wait until the partial file in folder holds count rows."
+    deadline = time.monotonic() + timeout
+    while not any(len(p.read_bytes().splitlines()) > count for p in folder.glob("*.part")):
+        assert time.monotonic() < deadline, f"fewer than {count} rows in {list(folder.iterdir())}"
+        time.sleep(0.01)
+
+
 def errors(caplog, level=logging.ERROR):
     return [r.getMessage() for r in caplog.records if r.levelno == level]
 
@@ -336,7 +344,7 @@ def test_every_stop_signal_keeps_the_log_whatever_clients_do(tmp_path, signum):
     client.expect(tagged("setSwitchVector", name="switchvector"))
     updates = client.gather(tagged("setNumberVector", name="temperaturevector"), 20)
     flooders = [flood(server.port) for _ in range(2)]
-    time.sleep(0.2)                     # the flood fills the server's queues
+    wait_for_rows(tmp_path, len(rows_on_disk(tmp_path, "*.part")) + 20)     # the flood under way
     server.process.send_signal(signum)
     assert server.process.wait(timeout=5) == 0
     for flooder in flooders:
@@ -374,8 +382,9 @@ def test_every_stop_signal_keeps_the_log_under_indiserver_too(tmp_path, signum):
     driver.stdin.write(new_switch(DEVICE, "switchvector", "switchmember", "On").encode())
     driver.stdin.flush()
     read_until(driver, b'name="switchvector"')
-    # stdout is no longer read: the driver's writes fill the pipe and wait
-    time.sleep(0.5)
+    driver.stdin.write(b'<getProperties version="1.7"/>' * 100)     # 300 KB of answers, never read:
+    driver.stdin.flush()                                            # the driver's writes fill stdout and wait
+    wait_for_rows(tmp_path, 20)
     driver.send_signal(signum)
     assert driver.wait(timeout=5) == 0
     stderr = driver.stderr.read().decode()
