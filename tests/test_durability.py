@@ -12,15 +12,13 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 import thermostat
-from conftest import (FAST, ROOT, IndiClient, ServerProcess, ServerThread, free_port, new_number,
-                      new_switch, tagged, wait_for_port)
+from conftest import ROOT, IndiClient, free_port, new_number, new_switch, tagged
 from test_indiserver import IndiServer
-from thermostat import LogFile, ThermalControl, indi_timestamp, parse_number
+from thermostat import ThermalControl, indi_timestamp, parse_number
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 DEVICE = "Thermostat"
@@ -90,8 +88,8 @@ def test_what_a_crash_left_is_completed_at_start_never_duplicated(tmp_path):
     assert rows_on_disk(tmp_path, "Lab-*.csv") == [row_of(r) for r in readings]
 
 
-def test_kill_9_loses_at_most_the_reading_being_written_and_a_restart_completes_the_file(tmp_path):
-    server = ServerProcess(*FAST, "--log-period", "3600", "--log-dir", str(tmp_path))
+def test_kill_9_loses_at_most_the_reading_being_written_and_a_restart_completes_the_file(tmp_path, served):
+    server = served("--log-period", "3600", "--log-dir", str(tmp_path))
     client = server.client()
     client.send('<getProperties version="1.7"/>' + new_switch(DEVICE, "switchvector", "switchmember", "On"))
     client.expect(tagged("setSwitchVector", name="switchvector"))
@@ -100,7 +98,7 @@ def test_kill_9_loses_at_most_the_reading_being_written_and_a_restart_completes_
     server.process.wait(5)
     client.close()
     received = [f"{e.get('timestamp')},{e.find('oneNumber').text}" for e in updates]
-    restarted = ServerProcess(*FAST, "--log-dir", str(tmp_path))
+    restarted = served("--log-dir", str(tmp_path))
     assert restarted.stop() == 0
     assert not list(tmp_path.glob("*.part"))
     rows = rows_on_disk(tmp_path)
@@ -206,9 +204,9 @@ def test_a_read_only_disk_and_rows_waiting_for_it_are_bounded(small_disk, caplog
     assert sum("dropped" in message for message in errors(caplog)) == 2
 
 
-def test_the_server_keeps_regulating_and_serving_on_a_full_disk(small_disk):
+def test_the_server_keeps_regulating_and_serving_on_a_full_disk(small_disk, served):
     logs = small_disk / "logs"
-    server = ServerProcess(*FAST, "--log-dir", str(logs))
+    server = served("--log-dir", str(logs))
     client = server.client()
     client.send('<getProperties version="1.7"/>' + new_switch(DEVICE, "switchvector", "switchmember", "On"))
     client.expect(tagged("setSwitchVector", name="switchvector"))
@@ -337,8 +335,8 @@ def flood(port, requests=3000):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
-def test_every_stop_signal_keeps_the_log_whatever_clients_do(tmp_path, signum):
-    server = ServerProcess("--poll-interval", "0.01", "--log-period", "3600", "--log-dir", str(tmp_path))
+def test_every_stop_signal_keeps_the_log_whatever_clients_do(tmp_path, served, signum):
+    server = served("--poll-interval", "0.01", "--log-period", "3600", "--log-dir", str(tmp_path))
     client = server.client()
     client.send('<getProperties version="1.7"/>' + new_switch(DEVICE, "switchvector", "switchmember", "On"))
     client.expect(tagged("setSwitchVector", name="switchvector"))
@@ -357,8 +355,23 @@ def test_every_stop_signal_keeps_the_log_whatever_clients_do(tmp_path, signum):
     assert f"{updates[-1].get('timestamp')},{updates[-1].find('oneNumber').text}" in rows
 
 
-def start_stdio(*options, stdin=subprocess.PIPE, stdout=subprocess.PIPE):
-    return subprocess.Popen(["indi_thermostat", *options], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+@pytest.fixture
+def start_stdio():
+    "Start indi_thermostat with options, stdin and stdout; each is killed at the end if still running."
+    started = []
+
+    def start(*options, stdout=subprocess.PIPE):
+        started.append(subprocess.Popen(["indi_thermostat", *options], stdin=subprocess.PIPE, stdout=stdout,
+                                        stderr=subprocess.PIPE))
+        return started[-1]
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def read_until(process, needle, timeout=10):
@@ -377,7 +390,7 @@ def read_until(process, needle, timeout=10):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
-def test_every_stop_signal_keeps_the_log_under_indiserver_too(tmp_path, signum):
+def test_every_stop_signal_keeps_the_log_under_indiserver_too(tmp_path, start_stdio, signum):
     driver = start_stdio("--poll-interval", "0.01", "--log-period", "3600", "--log-dir", str(tmp_path))
     driver.stdin.write(new_switch(DEVICE, "switchvector", "switchmember", "On").encode())
     driver.stdin.flush()
@@ -387,10 +400,7 @@ def test_every_stop_signal_keeps_the_log_under_indiserver_too(tmp_path, signum):
     wait_for_rows(tmp_path, 20)
     driver.send_signal(signum)
     assert driver.wait(timeout=5) == 0
-    stderr = driver.stderr.read().decode()
-    driver.stdin.close()
-    driver.stdout.close()
-    assert "Traceback" not in stderr
+    assert "Traceback" not in driver.stderr.read().decode()
     assert not list(tmp_path.glob("*.part")) and len(rows_on_disk(tmp_path)) >= 10
 
 
@@ -445,21 +455,15 @@ def test_stdin_dev_null_ends_at_once():
     assert result.returncode == 0 and result.stdout == b"" and b"Traceback" not in result.stderr
 
 
-def test_a_broken_stdout_ends_the_driver_with_one_line():
+def test_a_broken_stdout_ends_the_driver_with_one_line(start_stdio):
     reading, writing = os.pipe()
     os.close(reading)
     driver = start_stdio("--poll-interval", "0.05", stdout=writing)
     os.close(writing)
-    try:
-        driver.stdin.write(b'<getProperties version="1.7"/>')
-        driver.stdin.flush()
-        returncode = driver.wait(timeout=10)
-        stderr = driver.stderr.read().decode()
-    finally:
-        driver.kill()
-        driver.stdin.close()
-    assert returncode != 0
-    (line,) = stderr.splitlines()
+    driver.stdin.write(b'<getProperties version="1.7"/>')
+    driver.stdin.flush()
+    assert driver.wait(timeout=10) != 0
+    (line,) = driver.stderr.read().decode().splitlines()
     assert "stdout" in line and "Broken pipe" in line
 
 
@@ -476,7 +480,7 @@ SPOOFS = [
 ]
 
 
-def test_definitions_of_its_own_device_on_stdin_are_ignored_with_a_warning():
+def test_definitions_of_its_own_device_on_stdin_are_ignored_with_a_warning(start_stdio):
     driver = start_stdio()
     out, err = driver.communicate(timeout=10, input=(
         new_number(DEVICE, "targetvector", "target", "25") + "".join(SPOOFS * 30)
@@ -488,8 +492,8 @@ def test_definitions_of_its_own_device_on_stdin_are_ignored_with_a_warning():
     assert 0 < len(warnings) <= 4 * 20                  # throttled: at most 20 of a kind a minute
 
 
-def test_a_client_definition_through_libindi_indiserver_does_not_end_the_driver():
-    server = IndiServer("-u", f"/tmp/h9-indiserver-{os.getpid()}.sock", "indi_thermostat")
+def test_a_client_definition_through_libindi_indiserver_does_not_end_the_driver(tmp_path):
+    server = IndiServer("-u", str(tmp_path / "indiserver.sock"), "indi_thermostat")
     try:
         client = IndiClient(server.port)
         client.send('<getProperties version="1.7"/>')
