@@ -348,9 +348,13 @@ class LogWriter:
         return self.folder / f"{logfile.name}.part"
 
     def _sync_folder(self):
+        "Make a new or renamed file's name durable, where the filesystem can sync a folder."
         folder = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(folder)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
         finally:
             os.close(folder)
 
