@@ -834,9 +834,10 @@ _signals_before_serving = []
 
 
 def hold_stop_signals():
-    """Until the event loop's handlers take over, a stop signal is noted
-    instead of ending the process wherever start-up was (SIGINT would raise
-    KeyboardInterrupt there), so that it ends the run cleanly too."""
+    """Until the event loop's handlers take over (and once they are gone), a
+    stop signal is noted instead of ending the process wherever it was
+    (SIGINT would raise KeyboardInterrupt there): one during start-up ends
+    the run before serving, as cleanly as one while serving."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda signum, frame: _signals_before_serving.append(signum))
 
@@ -903,8 +904,6 @@ async def serve(server):
 
 
 def main(argv=None, prog="thermostat.py"):
-    _signals_before_serving.clear()
-    hold_stop_signals()
     args = parse_args(argv, prog)
     if args.driver_xml:
         print(driver_xml(), end="")
@@ -920,12 +919,17 @@ def main(argv=None, prog="thermostat.py"):
     if _signals_before_serving:
         return 0                        # stopped during start-up: nothing served, nothing logged
     if args.stdio:
-        status = asyncio.run(serve_stdio(driver))
-    else:
-        server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
-        status = asyncio.run(serve(server))
+        return asyncio.run(serve_stdio(driver))
+    server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
+    return asyncio.run(serve(server))
+
+
+def run_command(argv=None, prog="thermostat.py"):
+    "Run main as a command, a stop signal held from start to exit (see hold_stop_signals), and exit."
+    hold_stop_signals()
+    status = main(argv, prog)
     hold_stop_signals()                 # the event loop's handlers are gone: a late signal is no crash
-    return status
+    sys.exit(status)
 
 
 def indi_thermostat():
@@ -933,7 +937,7 @@ def indi_thermostat():
     argv = sys.argv[1:]
     if "--driver-xml" not in argv and "-h" not in argv and "--help" not in argv:
         argv = ["--stdio", *argv]
-    sys.exit(main(argv, prog=DRIVER_EXEC))
+    run_command(argv, prog=DRIVER_EXEC)
 
 
 # ===========================================================================
@@ -1424,4 +1428,4 @@ class ThermoServer(IPyServer):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

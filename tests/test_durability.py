@@ -421,7 +421,7 @@ else:           # as the event loop starts the server or driver, before it liste
             os.kill(os.getpid(), signal.SIGTERM)
             return original(self)
         cls.asyncrun = asyncrun
-sys.exit(thermostat.main(sys.argv[2:]))
+thermostat.run_command(sys.argv[2:])
 """
 
 
