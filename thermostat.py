@@ -864,15 +864,11 @@ async def serve_stdio(driver):
 
 async def finish_promptly(server, running, earlier_tasks, timeout=1.5):
     """Once server has stopped, let what still runs end without waiting on
-    any client or queue: nothing reads the server's queue any more, so what
-    is put there is discarded, and a client that does not read is cut off
-    (closing would first flush to it). Return False if running, or the
-    tasks started since earlier_tasks (those serving clients), had not
-    ended within timeout seconds."""
-    for client in server.connectionpool:
-        writer = getattr(client, "writer", None)
-        if writer is not None:
-            writer.transport.abort()
+    the server's queue: nothing reads it any more (a driver's update or a
+    client's request put there waited forever), so what is put there now is
+    discarded. Return False if running, or the tasks started since
+    earlier_tasks (those serving clients), had not ended within timeout
+    seconds."""
     queue = server.xml_data_que
 
     async def discard():
