@@ -343,6 +343,7 @@ def test_every_stop_signal_keeps_the_log_whatever_clients_do(tmp_path, served, s
     updates = client.gather(tagged("setNumberVector", name="temperaturevector"), 20)
     flooders = [flood(server.port) for _ in range(2)]
     wait_for_rows(tmp_path, len(rows_on_disk(tmp_path, "*.part")) + 20)     # the flood under way
+    client.send("".join(new_number(DEVICE, "targetvector", "target", 20 + i % 10) for i in range(100)))
     server.process.send_signal(signum)
     assert server.process.wait(timeout=5) == 0
     for flooder in flooders:
