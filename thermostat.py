@@ -12,17 +12,21 @@ of indipydriver and indipyserver, with the versions they were verified on.
 import argparse
 import asyncio
 import collections
+import errno
+import hashlib
 import logging
 import math
 import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -79,17 +83,38 @@ HYSTERESIS = 0.5       # the heater switches beyond target +/- this
 MAX_TEMPERATURE = 50.0      # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0      # seconds of continuous heating that raise the alarm
 STUCK_AFTER = 600.0         # seconds of one unchanged reading while heating: a stuck sensor
+MAX_FILE_BYTES = 1 << 20          # a log file is cut early at this size: the bound of one BLOB
+MAX_UNWRITTEN_BYTES = 8 << 20     # log rows held in memory while log_dir cannot be written
+
+_UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_INDI_NUMBER = re.compile(      # decimal, or sexagesimal with one kind of separator: 21:30:15, 21;30, 21 30
+    rf"(?P<sign>[+-]?)(?:(?P<decimal>{_UNSIGNED}(?:[eE][+-]?\d+)?)"
+    rf"|(?P<degrees>{_UNSIGNED})(?P<separator>[:;]| +)(?P<minutes>{_UNSIGNED})"
+    rf"(?:(?P=separator)(?P<seconds>{_UNSIGNED}))?)", re.ASCII)
 
 
 def parse_number(text, what, low, high):
     """Return text as a float within low..high, in any INDI number format
-    (decimal, "21:30", "21 30"), or raise ValueError saying what is wrong."""
-    try:
-        value = indipydriver.getfloat(text)
-    except TypeError:
-        value = math.nan
+    (decimal, "21:30", "21;30", "21 30"), or raise ValueError saying what is wrong."""
+    expected = f"{what} must be a number from {low:g} to {high:g}; received {text!r}"
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _INDI_NUMBER.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"{expected}, which is not a number (decimal, or sexagesimal "
+                             f"as 21:30, 21;30 or 21 30)")
+        if match["decimal"]:
+            value = float(match["decimal"])
+        else:
+            minutes, seconds = float(match["minutes"]), float(match["seconds"] or 0)
+            if minutes >= 60 or seconds >= 60:
+                raise ValueError(f"{expected}: minutes and seconds must be below 60")
+            value = float(match["degrees"]) + minutes / 60 + seconds / 3600
+        if match["sign"] == "-":
+            value = -value
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{what} must be a number from {low:g} to {high:g}; received {text!r}")
+        raise ValueError(expected)
     return value
 
 
@@ -102,6 +127,18 @@ def indi_timestamp(moment):
     """The text of a UTC datetime as INDI carries it, and as indipydriver
     writes it into every timestamp attribute."""
     return moment.replace(tzinfo=None).isoformat(sep="T")
+
+
+def file_prefix(devicename):
+    """The start of a device's log file names. Letters, digits, space, '.',
+    '_', '-' and '~' stand as they are; every other character is %-encoded
+    ('/' as %2F, ':' as %3A), so that a name stays inside its folder, is
+    valid on Linux, macOS and Windows, and no two devices share one; a very
+    long name is cut, with a hash of the whole to keep it unique."""
+    prefix = urllib.parse.quote(devicename, safe=" ")
+    if len(prefix) > 100:
+        prefix = f"{prefix[:80]}~{hashlib.sha256(devicename.encode()).hexdigest()[:12]}"
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -130,22 +167,225 @@ class Reading:
 
 @dataclass
 class LogFile:
-    """One CSV file of the temperature log: rows `timestamp,temperature`."""
+    """One CSV file of the temperature log: rows `timestamp,temperature`,
+    named <prefix>-<first reading's UTC time>.csv, with '-' for ':' in
+    the time (the rows keep the INDI timestamps)."""
     prefix: str
     rows: list = field(default_factory=list)
+    size: int = 0           # bytes of its content
+    first: datetime = None  # the time of its first reading
 
     HEADER = "timestamp,temperature\n"
 
+    def __post_init__(self):
+        self.size = len(self.HEADER) + sum(map(len, self.rows))
+
+    @staticmethod
+    def row(reading):
+        return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n"
+
     def add(self, reading):
-        self.rows.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n")
+        row = self.row(reading)
+        if not self.rows:
+            self.first = reading.timestamp
+        self.rows.append(row)
+        self.size += len(row)
 
     @property
     def name(self):
-        first_timestamp = self.rows[0].split(",", 1)[0]
-        return f"{self.prefix}-{first_timestamp}.csv"
+        return f"{self.prefix}-{self.first:%Y-%m-%dT%H-%M-%S.%f}.csv"
 
     def content(self):
         return (self.HEADER + "".join(self.rows)).encode()
+
+
+_LOG_ROW = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?,-?\d+\.\d\d\n")
+
+
+def whole_rows(data):
+    "(bytes, rows) of data that form a well-formed log file: the header, then whole rows."
+    if not data.startswith(LogFile.HEADER.encode()):
+        return 0, 0
+    end, rows = len(LogFile.HEADER), 0
+    while (match := _LOG_ROW.match(data, end)) is not None:
+        end, rows = match.end(), rows + 1
+    return end, rows
+
+
+def check_log_dir(folder):
+    "Create folder if need be and check that files can be written in it, or raise ValueError saying why."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"log directory {folder} is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe, path = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(probe)
+        os.unlink(path)
+    except OSError as exc:
+        raise ValueError(f"cannot write log files in {folder}: {exc.strerror or exc}") from None
+
+
+class LogWriter:
+    """Writes one device's log files into a folder as they grow, so that a
+    crash or a power cut loses at most the reading being written: each row
+    is appended to <name>.part and synced to the disk (fdatasync), and the
+    file takes its final name, atomically, once complete. Partial files a
+    crash left behind are completed at start (whole rows kept). When writing
+    fails (disk full, folder removed, replaced or read-only), finished files
+    wait in memory, up to max_unwritten bytes (the oldest dropped beyond),
+    and the disk is caught up, oldest first, at the first retry that works
+    (one every retry_seconds of readings). One error says when writing
+    starts failing, one line when it works again; a file is never left with
+    half a row."""
+
+    def __init__(self, folder, prefix, *, max_unwritten=MAX_UNWRITTEN_BYTES, retry_seconds=1.0):
+        check_log_dir(folder)
+        self.folder, self.prefix = Path(folder), prefix
+        self.max_unwritten, self.retry_seconds = max_unwritten, retry_seconds
+        self.unwritten = collections.deque()    # finished files not yet on disk, oldest first
+        self.unwritten_bytes = 0
+        self.failure = None                     # why writing fails, while it does
+        self._retry_at = None
+        self._open = None       # the LogFile whose .part is open as _fd
+        self._fd = None
+        self._rows_on_disk = self._bytes_on_disk = 0
+        self.recover()
+
+    def append(self, logfile, now):
+        "logfile, the file being logged, has a new last row: put it on the disk."
+        if self.failure is None or now >= self._retry_at:
+            self._catch_up(logfile, now)
+
+    def finish(self, logfile, now=None):
+        """logfile is complete: it goes on the disk under its final name, at
+        once or at a later retry (when now is None, writing is tried at once)."""
+        self.unwritten.append(logfile)
+        self.unwritten_bytes += logfile.size
+        while self.unwritten_bytes > self.max_unwritten:
+            dropped = self.unwritten.popleft()
+            self.unwritten_bytes -= dropped.size
+            logger.error("log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
+                         self.folder, self.max_unwritten, dropped.name, len(dropped.rows))
+        if self.failure is None or now is None or now >= self._retry_at:
+            self._catch_up(None, now)
+
+    def recover(self):
+        "Complete the partial files of this device that a crash left behind; whole rows are kept."
+        pattern = re.compile(re.escape(self.prefix) + r"-\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{6}\.csv\.part")
+        for partial in sorted(self.folder.iterdir()):
+            if not pattern.fullmatch(partial.name):
+                continue
+            final = partial.with_name(partial.name.removesuffix(".part"))
+            try:
+                length, rows = whole_rows(partial.read_bytes())
+                if rows == 0 or final.exists():
+                    partial.unlink()        # nothing to keep, or already complete
+                    continue
+                os.truncate(partial, length)
+                with open(partial, "rb") as data:
+                    os.fsync(data.fileno())
+                os.rename(partial, final)
+                self._sync_folder()
+                logger.warning("completed %s, left unfinished by a crash: %d rows kept", final.name, rows)
+            except OSError as exc:
+                logger.error("cannot complete %s, left unfinished by a crash: %s", partial, exc.strerror or exc)
+
+    def _catch_up(self, current, now):
+        "Write every finished file still unwritten, then current's new rows."
+        try:
+            while self.unwritten:
+                self._open_for(self.unwritten[0])
+                self._append_rest()
+                self._finalize()
+                self.unwritten_bytes -= self.unwritten.popleft().size
+            if current is not None and current.rows:
+                self._open_for(current)
+                self._append_rest()
+        except OSError as exc:
+            self._failed(exc, now)
+            return
+        if self.failure is not None:
+            logger.warning("log files are written to %s again", self.folder)
+            self.failure = None
+
+    def _open_for(self, logfile):
+        "Have logfile's .part open: still open, open again as far as it was written, or new."
+        if self._open is logfile and self._fd is not None:
+            return
+        if self._open is logfile:           # after a failure: go on after its whole rows, if still there
+            try:
+                self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_APPEND)
+                if os.fstat(self._fd).st_size == self._bytes_on_disk:
+                    return
+            except OSError:
+                pass
+        self._close()
+        self.folder.mkdir(parents=True, exist_ok=True)      # a folder removed meanwhile is made again
+        self._fd = os.open(self._partial(logfile), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._open, self._rows_on_disk, self._bytes_on_disk = logfile, 0, 0
+        self._write(LogFile.HEADER.encode())
+        self._sync_folder()
+
+    def _append_rest(self):
+        rows = self._open.rows[self._rows_on_disk:]
+        if not rows:
+            return
+        if os.fstat(self._fd).st_nlink == 0:
+            raise FileNotFoundError(errno.ENOENT, "the partial log file was removed", str(self._partial(self._open)))
+        self._write("".join(rows).encode())
+        os.fdatasync(self._fd)
+        self._rows_on_disk += len(rows)
+
+    def _write(self, data):
+        written = 0
+        while written < len(data):
+            written += os.write(self._fd, data[written:])
+        self._bytes_on_disk += written
+
+    def _finalize(self):
+        partial = self._partial(self._open)
+        os.rename(partial, partial.with_name(self._open.name))
+        self._close()
+        self._sync_folder()
+
+    def _failed(self, exc, now):
+        if self._fd is not None:
+            try:                        # never half a row, nor a file without one
+                if self._rows_on_disk:
+                    os.ftruncate(self._fd, self._bytes_on_disk)
+                else:
+                    os.unlink(self._partial(self._open))
+            except OSError:
+                pass
+        rows_kept_on_disk = self._open if self._rows_on_disk else None
+        self._close()
+        self._open = rows_kept_on_disk      # the next try goes on after them
+        self._retry_at = (now or datetime.now(timezone.utc)) + timedelta(seconds=self.retry_seconds)
+        if self.failure is None:
+            self.failure = exc.strerror or str(exc)
+            logger.error("cannot write log files to %s (%s): they are kept in memory, up to %g MiB, "
+                         "and written when writing works again", self.folder, self.failure,
+                         self.max_unwritten / 2**20)
+
+    def _close(self):
+        fd, self._fd, self._open = self._fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def _partial(self, logfile):
+        return self.folder / f"{logfile.name}.part"
+
+    def _sync_folder(self):
+        "Make a new or renamed file's name durable, where the filesystem can sync a folder."
+        folder = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
+        finally:
+            os.close(folder)
 
 
 class Simulator:
@@ -161,7 +401,7 @@ class Simulator:
 
     def read(self):
         step = HEATING_STEP if self.heater_on else -HEATING_STEP
-        self.temperature = round(self.temperature + step, 2)
+        self.temperature = min(max(round(self.temperature + step, 2), TEMPERATURE_MIN), TEMPERATURE_MAX)
         return self.temperature
 
     def switch(self, on):
@@ -177,12 +417,14 @@ class ThermalControl:
     default a Simulator is both sensor and heater.
 
     While logging, every good reading goes into the current log file, which
-    is cut every log_period seconds; finished files wait in a bounded
-    backlog until sent, and are also written to log_dir."""
+    is cut every log_period seconds, or early at max_file_bytes; finished
+    files wait in a bounded backlog until sent. With a log_dir, every
+    reading is also on disk as it is logged (see LogWriter)."""
 
     def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0,
-                 log_period=300.0, log_dir=None, max_backlog=16, sensor=None, heater=None,
-                 max_temperature=MAX_TEMPERATURE, max_heater_on=MAX_HEATER_ON, stuck_after=STUCK_AFTER):
+                 log_period=300.0, log_dir=None, max_backlog=16, max_file_bytes=MAX_FILE_BYTES,
+                 sensor=None, heater=None, max_temperature=MAX_TEMPERATURE,
+                 max_heater_on=MAX_HEATER_ON, stuck_after=STUCK_AFTER):
         self.name = name
         simulator = Simulator(temperature) if sensor is None or heater is None else None
         self.sensor = simulator if sensor is None else sensor
@@ -206,8 +448,11 @@ class ThermalControl:
         self._stuck = False
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.file_prefix = file_prefix(name)
+        self.writer = LogWriter(log_dir, self.file_prefix) if log_dir is not None else None
         self.backlog = collections.deque()
         self.max_backlog = max_backlog
+        self.max_file_bytes = max_file_bytes
         self._logfile = None        # the file being written, None while logging is off
         self._period_start = None   # when the current file's log period began
 
@@ -253,14 +498,7 @@ class ThermalControl:
         good = self.sensor_fault is None
         reading = Reading(now, self.temperature, self.heater_on, good and self.in_band, self.safety)
         if good and self.logging:
-            period = timedelta(seconds=self.log_period)     # read each time: clients may change it
-            if now >= self._period_start + period:
-                self._finish_file()
-                self._logfile = LogFile(self.name)
-                self._period_start += period
-                if now >= self._period_start + period:      # polls were late: start afresh
-                    self._period_start = now
-            self._logfile.add(reading)
+            self._log(reading, now)
         return reading
 
     def heater_command(self):
@@ -309,6 +547,8 @@ class ThermalControl:
             fault = f"{measured!r} is not a temperature"
         elif valid and not valid[0] <= measured <= valid[1]:
             fault = f"{measured:g} is outside the sensor's range, {valid[0]:g} to {valid[1]:g}"
+        elif not TEMPERATURE_MIN <= measured <= TEMPERATURE_MAX:     # the range the driver declares
+            fault = f"{measured:g} is outside the thermostat's range, {TEMPERATURE_MIN:g} to {TEMPERATURE_MAX:g}"
         elif self._stuck_at(measured, now):
             fault = f"stuck: it read {measured:g} for {self.stuck_after:g} s while the heater was on"
         else:
@@ -365,13 +605,13 @@ class ThermalControl:
 
     def start_logging(self, now):
         if not self.logging:
-            self._logfile = LogFile(self.name)
+            self._logfile = LogFile(self.file_prefix)
             self._period_start = now
 
     def stop_logging(self):
-        "Stop logging; the partial file, if it has rows, joins the backlog."
+        "Stop logging; the partial file, if it has rows, joins the backlog (and log_dir, at once)."
         if self.logging:
-            self._finish_file()
+            self._finish_file(None)
             self._logfile = None
 
     def next_unsent(self):
@@ -383,29 +623,35 @@ class ThermalControl:
         if self.backlog and self.backlog[0] is logfile:
             self.backlog.popleft()
 
-    def _finish_file(self):
+    def _log(self, reading, now):
+        period = timedelta(seconds=self.log_period)     # read each time: clients may change it
+        if now >= self._period_start + period:
+            self._finish_file(now)
+            self._logfile = LogFile(self.file_prefix)
+            self._period_start += period
+            if now >= self._period_start + period:      # polls were late: start afresh
+                self._period_start = now
+        elif self._logfile.size + len(LogFile.row(reading)) > self.max_file_bytes:
+            logger.warning("log file %s reached %d bytes before its log period ended: cut there, "
+                           "the next file goes on", self._logfile.name, self._logfile.size)
+            self._finish_file(now)
+            self._logfile = LogFile(self.file_prefix)
+        self._logfile.add(reading)
+        if self.writer is not None:
+            self.writer.append(self._logfile, now)
+
+    def _finish_file(self, now):
         logfile = self._logfile
         if not logfile.rows:
             return
-        if self.log_dir is not None:
-            self._write(logfile)
+        if self.writer is not None:
+            self.writer.finish(logfile, now)
         self.backlog.append(logfile)
         if len(self.backlog) > self.max_backlog:
             dropped = self.backlog.popleft()
             kept = f", a copy is in {self.log_dir}" if self.log_dir is not None else ""
             logger.warning("log backlog full (%d files unsent): dropped %s%s",
                            self.max_backlog, dropped.name, kept)
-
-    def _write(self, logfile):
-        "Write atomically, so that a crash never leaves half a file under the final name."
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            final = self.log_dir / logfile.name
-            partial = final.with_name(final.name + ".part")
-            partial.write_bytes(logfile.content())
-            os.replace(partial, final)
-        except OSError as exc:
-            logger.error("cannot write log file %s to %s: %s", logfile.name, self.log_dir, exc)
 
 
 
@@ -440,7 +686,7 @@ class W1Sensor:
         return millidegrees / 1000
 
 
-def run_command(argv, timeout):
+def run_program(argv, timeout):
     """Run argv without a shell, its stdin empty (under --stdio ours is the
     INDI stream); return its standard output, or raise saying why not."""
     name = shlex.join(argv)
@@ -475,7 +721,7 @@ class CommandSensor:
         self.argv, self.timeout = shlex.split(command), timeout
 
     def read(self):
-        text = run_command(self.argv, self.timeout).strip()
+        text = run_program(self.argv, self.timeout).strip()
         if not text:
             raise ValueError(f"{shlex.join(self.argv)} printed nothing")
         return parse_number(text, f"the output of {shlex.join(self.argv)}", *SENSOR_RANGE)
@@ -488,7 +734,7 @@ class CommandHeater:
         self.argv, self.timeout = shlex.split(command), timeout
 
     def switch(self, on):
-        run_command([*self.argv, "on" if on else "off"], self.timeout)
+        run_program([*self.argv, "on" if on else "off"], self.timeout)
 
 
 class GpioHeater:
@@ -553,6 +799,9 @@ SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", SAFETY_
 CONFIG_MAX_BYTES = 64 * 1024        # a saved configuration is a few hundred bytes
 SAVE_SPACING = 0.1                  # seconds between writes of the file in a burst of changes
 MESSAGE_LEVELS = ("[INFO] ", "[WARNING] ", "[ERROR] ")
+# What only a device sends: a driver that receives one for its own device ignores it.
+DEVICE_TAGS = frozenset({"delProperty", *(f"{kind}{vector}Vector" for kind in ("def", "set")
+                                          for vector in ("Text", "Number", "Switch", "Light", "BLOB"))})
 
 
 class ThermoDriver(IPyDriver):
@@ -607,7 +856,12 @@ class ThermoDriver(IPyDriver):
         # Everything from the server comes in here. indipydriver drops requests it cannot use
         # without a reply, or raises on some: see answer_unusable_request in the adaptations.
         try:
-            if not await answer_unusable_request(self, root):
+            if root.tag in DEVICE_TAGS and root.get("device") in self:
+                # libindi's indiserver passes on what clients send; indipydriver would take a
+                # definition of our own device as a duplicate and end the driver
+                logger.warning("%s: ignored <%s> for this device from outside: only this driver "
+                               "speaks for it", root.get("device"), root.tag)
+            elif not await answer_unusable_request(self, root):
                 await super()._readdata(root)
         except Exception:
             # An exception must not reach indipyserver, whose TaskGroup would end the whole server.
@@ -886,13 +1140,17 @@ class ThermoDriver(IPyDriver):
 
     async def hardware(self):
         await self.switch_heater(False)     # a known state: a driver killed with -9 may have left it on
+        updates = asyncio.create_task(self.update_loop())
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.control_loop())
-                tasks.create_task(self.update_loop())
+            await self.control_loop()
         finally:
-            self.switch_off_at_stop()       # first, however the driver stops
-            self.thermostat.stop_logging()  # at shutdown: the partial file reaches log_dir
+            # Every way out passes here, and waits on no client or queue: the heater is
+            # switched off first, updates still on their way are dropped, and the
+            # partial log file reaches log_dir.
+            self.switch_off_at_stop()
+            updates.cancel()
+            self.thermostat.stop_logging()
+            await asyncio.wait([updates])
 
     async def control_loop(self):
         loop = asyncio.get_running_loop()
@@ -907,10 +1165,6 @@ class ThermoDriver(IPyDriver):
             last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
             if self.connected:
                 await self.poll()
-        try:
-            self.readings.put_nowait(None)  # wakes the update loop to stop
-        except asyncio.QueueFull:
-            pass                            # it is busy, and will see self.stop
 
     async def woken_within(self, delay):
         try:
@@ -998,7 +1252,8 @@ class ThermoDriver(IPyDriver):
             logger.debug("%s: heater switched off at stop", self.device.devicename)
 
     async def update_loop(self):
-        while (reading := await self.readings.get()) is not None and not self.stop:
+        while not self.stop:
+            reading = await self.readings.get()
             try:
                 await self.publish_reading(reading)
                 await self.send_log_files()
@@ -1211,7 +1466,8 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
             TextMember("DRIVER_VERSION", "Version", membervalue=__version__),
             TextMember("DRIVER_INTERFACE", "Interface", membervalue=AUX_INTERFACE)]),
         NumberVector("POLLING_PERIOD", "Polling", "Options", "rw", "Ok", [
-            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", min=POLL_PERIOD_MS[0],
+            # the declared range holds every value sent, one given here below libindi's floor too
+            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", min=min(POLL_PERIOD_MS[0], poll_interval * 1000),
                          max=POLL_PERIOD_MS[1], step=1000, membervalue=f"{poll_interval * 1000:.0f}")]),
         # the thermostat's own
         NumberVector("temperaturevector", "Temperature", "Values", "ro", "Ok", [
@@ -1225,7 +1481,7 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
         SwitchVector("switchvector", "Logs Control", "Control", "rw", "AtMostOne", "Ok", [
             SwitchMember("switchmember", "Logs", membervalue="Off")]),
         NumberVector("logperiodvector", "Log period", "Control", "rw", "Ok", [
-            NumberMember("logperiod", "Seconds per file", format="%.1f", min=LOG_PERIOD_S[0],
+            NumberMember("logperiod", "Seconds per file", format="%.1f", min=min(LOG_PERIOD_S[0], log_period),
                          max=LOG_PERIOD_S[1], step=60, membervalue=f"{log_period:g}")]),
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
@@ -1323,7 +1579,8 @@ def parse_args(argv=None, prog="thermostat.py"):
                         help="seconds of readings in each CSV log file "
                              f"(default: saved, else {DEFAULTS['log_period']:g})")
     parser.add_argument("--log-dir", metavar="DIR",
-                        help="also write each finished log file to DIR as <device>-<first timestamp>.csv")
+                        help="also write the log to DIR, each reading as it is taken, in files "
+                             "<device>-<first reading's UTC time>.csv (see the README)")
     parser.add_argument("--sensor", metavar="SPEC", default="simulator",
                         help="where the temperature comes from: simulator (the default); w1:DIR, a 1-wire "
                              "sensor's directory, e.g. w1:/sys/bus/w1/devices/28-0316a2796bff (DIR/temperature "
@@ -1430,26 +1687,69 @@ def driver_xml():
             f'</driversList>\n')
 
 
-async def serve_stdio(driver):
-    """Run driver on stdin/stdout until end of input, SIGINT or SIGTERM; return the exit status."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_signals_before_serving = []
+
+
+def hold_stop_signals():
+    """Until the event loop's handlers take over (and once they are gone), a
+    stop signal is noted instead of ending the process wherever it was
+    (SIGINT would raise KeyboardInterrupt there): one during start-up ends
+    the run before serving, as cleanly as one while serving."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: _signals_before_serving.append(signum))
+
+
+def stop_on_signals(stop):
+    """Call stop on SIGINT, SIGTERM, SIGHUP (the terminal closed) or SIGQUIT,
+    and soon if one came during start-up. Call it once the server or driver
+    has started running: their asyncrun() clears an earlier stop."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, driver.shutdown)
-    driver._commsobj = StdioLink(driver)
-    await driver.asyncrun()
-    return 0
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop)
+    if _signals_before_serving:
+        loop.call_soon(stop)
+
+
+async def serve_stdio(driver):
+    """Run driver on stdin/stdout until end of input or a stop signal; return the exit status."""
+    link = driver._commsobj = StdioLink(driver)
+    running = asyncio.create_task(driver.asyncrun())
+    stop_on_signals(driver.shutdown)
+    await running
+    return 1 if link.failure else 0
+
+
+async def finish_promptly(server, running, earlier_tasks, timeout=1.5):
+    """Once server has stopped, let what still runs end without waiting on
+    the server's queue: nothing reads it any more (a driver's update or a
+    client's request put there waited forever), so what is put there now is
+    discarded. Return False if running, or the tasks started since
+    earlier_tasks (those serving clients), had not ended within timeout
+    seconds."""
+    queue = server.xml_data_que
+
+    async def discard():
+        while True:
+            await queue.get()
+            queue.task_done()
+    discarding = asyncio.create_task(discard())
+    try:
+        if (await asyncio.wait([running], timeout=timeout))[1]:
+            return False
+        others = asyncio.all_tasks() - earlier_tasks - {discarding}
+        return not others or not (await asyncio.wait(others, timeout=timeout))[1]
+    finally:
+        discarding.cancel()
 
 
 async def serve(server):
-    """Run server until SIGINT or SIGTERM; return the exit status."""
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.shutdown)
+    """Run server until SIGINT, SIGTERM, SIGHUP or SIGQUIT; return the exit status."""
+    earlier_tasks = asyncio.all_tasks()
     running = asyncio.create_task(server.asyncrun())
+    stop_on_signals(server.shutdown)
     await server.stopped.wait()
-    try:
-        await asyncio.wait_for(running, 1.5)    # a stalled client must not hold up the exit
-    except TimeoutError:
+    if not await finish_promptly(server, running, earlier_tasks):
         logger.warning("shutdown did not finish in time; stopping anyway")
     if server.failure:
         print(f"thermostat.py: error: {server.failure}", file=sys.stderr)
@@ -1464,15 +1764,29 @@ def main(argv=None, prog="thermostat.py"):
         return 0
     configure_logging(args.verbose)
     config = None if args.no_config else (args.config or True)
-    driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
-                         log_period=args.log_period, debug=args.verbose or None, log_dir=args.log_dir,
-                         config=config, sensor=args.sensor, heater=args.heater,
-                         max_temperature=args.max_temperature, max_heater_on=args.max_heater_on,
-                         stuck_after=args.stuck_after, hardware_timeout=args.hardware_timeout)
+    try:
+        driver = make_driver(args.device, target=args.target, poll_interval=args.poll_interval,
+                             log_period=args.log_period, debug=args.verbose or None, log_dir=args.log_dir,
+                             config=config, sensor=args.sensor, heater=args.heater,
+                             max_temperature=args.max_temperature, max_heater_on=args.max_heater_on,
+                             stuck_after=args.stuck_after, hardware_timeout=args.hardware_timeout)
+    except ValueError as exc:           # a --log-dir that cannot be written: said before serving
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if _signals_before_serving:
+        return 0                        # stopped during start-up: nothing served, nothing logged
     if args.stdio:
         return asyncio.run(serve_stdio(driver))
     server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections)
     return asyncio.run(serve(server))
+
+
+def run_command(argv=None, prog="thermostat.py"):
+    "Run main as a command, a stop signal held from start to exit (see hold_stop_signals), and exit."
+    hold_stop_signals()
+    status = main(argv, prog)
+    hold_stop_signals()                 # the event loop's handlers are gone: a late signal is no crash
+    sys.exit(status)
 
 
 def indi_thermostat():
@@ -1480,7 +1794,7 @@ def indi_thermostat():
     argv = sys.argv[1:]
     if "--driver-xml" not in argv and "-h" not in argv and "--help" not in argv:
         argv = ["--stdio", *argv]
-    sys.exit(main(argv, prog=DRIVER_EXEC))
+    run_command(argv, prog=DRIVER_EXEC)
 
 
 # ===========================================================================
@@ -1674,48 +1988,76 @@ class StdioLink:
     request, 3% CPU idle), keeps running after end of input, and writes to
     stdout as if it blocked: indiserver passes one socket as fd 0 and 1, and
     indipydriver makes fd 0 non-blocking, so large writes lost data or
-    raised BlockingIOError. Here stdin is read by the event loop, end of
-    input shuts the driver down, and every write completes."""
+    raised BlockingIOError. Here stdin is read by the event loop (a regular
+    file or /dev/null, which it cannot watch, is read directly to its end),
+    end of input shuts the driver down, every write completes without
+    blocking the event loop (a stdout pipe is made non-blocking too), and a
+    stdout that cannot be written stops the driver, the reason in
+    self.failure."""
 
     def __init__(self, driver, fd_in=0, fd_out=1):
         self.driver = driver
         self.fd_in, self.fd_out = fd_in, fd_out
+        self.failure = None
         self._transport = None
         self._writing = asyncio.Lock()     # one message at a time, even across partial writes
+        self._waiting = None               # the future a write waits on while stdout is full
 
     async def run_rx(self):
+        mode = os.fstat(self.fd_out).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.set_blocking(self.fd_out, False)     # a reader that lags must not stop the polls
+        read = await self._reader()
+        stream = _IndiStream()
+        while not self.driver.stop and (data := await read()):
+            for element in stream.feed(data):
+                await self.driver._readdata(element)
+        if not self.driver.stop:
+            logger.info("end of input: the driver stops")
+            self.driver.shutdown()
+
+    async def _reader(self):
+        "A coroutine function returning stdin's next data, b'' at its end."
+        mode = os.fstat(self.fd_in).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(self.fd_in)):
+            async def read_file():          # a regular file or /dev/null: the event loop cannot
+                await asyncio.sleep(0)      # watch it, and reading it never waits for a writer
+                return os.read(self.fd_in, 65536)
+            return read_file
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         self._transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), open(self.fd_in, "rb", buffering=0, closefd=False))
-        stream = _IndiStream()
-        while not self.driver.stop and (data := await reader.read(65536)):
-            for element in stream.feed(data):
-                await self.driver._readdata(element)
-        logger.info("end of input: the driver stops")
-        self.driver.shutdown()
+        return lambda: reader.read(65536)
 
     async def run_tx(self, xmldata):
         data = memoryview(ET.tostring(xmldata) + b"\n")
         async with self._writing:
-            while data:
+            while data and not self.driver.stop:
                 try:
                     data = data[os.write(self.fd_out, data):]
                 except BlockingIOError:
                     await self._writable()
+                except OSError as exc:
+                    self.failure = f"cannot write to stdout ({exc.strerror or exc}): the driver stops"
+                    logger.error("%s", self.failure)
+                    self.driver.shutdown()
 
     async def _writable(self):
         loop = asyncio.get_running_loop()
-        ready = loop.create_future()
+        self._waiting = ready = loop.create_future()
         loop.add_writer(self.fd_out, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:
             loop.remove_writer(self.fd_out)
+            self._waiting = None
 
     def shutdown(self):
         if self._transport is not None:
             self._transport.close()         # ends run_rx's read
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)  # a stopping driver waits on no reader
 
 
 class _RelayingRemoteConnection(RemoteConnection):
@@ -1914,6 +2256,9 @@ class ThermoServer(IPyServer):
             self.failure = f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             self.shutdown()
             return
+        if self._stop:                  # stopped while the port was being opened
+            self.server.close()
+            return
         devices = ", ".join(self.devices) or "no devices"
         logger.info("serving %s on %s:%s (Ctrl-C stops)", devices, self.host, self.port)
         try:
@@ -1940,4 +2285,4 @@ class ThermoServer(IPyServer):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

@@ -107,7 +107,7 @@ def test_csv_format_matches_indi_timestamp():
     (logfile,) = take_finished(control)
     assert logfile.content() == f"timestamp,temperature\n{indi_timestamp(moment)},{reading.temperature:.2f}\n".encode()
     assert indi_timestamp(moment) == "2026-01-01T00:00:01.250000"
-    assert logfile.name == "Thermostat-2026-01-01T00:00:01.250000.csv"
+    assert logfile.name == "Thermostat-2026-01-01T00-00-01.250000.csv"     # no colons: valid on Windows too
 
 
 def test_empty_partial_file_is_not_sent():
@@ -158,7 +158,7 @@ def test_log_dir_keeps_every_finished_file_even_when_dropped_from_backlog(tmp_pa
     polls(control, 5, every=10)
     control.stop_logging()
     names = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert names == [f"Greenhouse-{indi_timestamp(START + timedelta(seconds=s))}.csv" for s in (0, 10, 20, 30, 40)]
+    assert names == [f"Greenhouse-{START + timedelta(seconds=s):%Y-%m-%dT%H-%M-%S.%f}.csv" for s in (0, 10, 20, 30, 40)]
     assert all((tmp_path / "logs" / n).read_bytes().startswith(LogFile.HEADER.encode()) for n in names)
     assert len(control.backlog) == 1
 
