@@ -746,6 +746,7 @@ def _serialize_into(element, parts):
 
 _INDI_START = re.compile(rb"<(?:%s)[\s/>]" % b"|".join(tag.encode() for tag in sorted(INDI_TAGS)))
 _INDI_START_LONGEST = max(len(tag) for tag in INDI_TAGS) + 2
+_TAG = re.compile(rb"""<[^<>"']*(?:(?:"[^"<]*"|'[^'<]*')[^<>"']*)*>""")     # one complete tag
 
 
 class _IndiStream:
@@ -756,7 +757,10 @@ class _IndiStream:
     when it is malformed, holds more than max_bytes, nests deeper than
     MAX_DEPTH, has more than MAX_CHILDREN children or MAX_ELEMENTS elements
     in all, or an element with more than MAX_ATTRIBUTES attributes or one
-    longer than MAX_ATTRIBUTE_CHARS. Input is parsed a SLICE at a time, so
+    longer than MAX_ATTRIBUTE_CHARS, or a tag longer than MAX_TAG_BYTES
+    (expat holds a tag whole until it ends, and parses it again from its
+    start at every feed: 5 MiB of attributes in one tag took minutes).
+    Input is parsed a SLICE at a time, so
     that no more is built before a bound is checked than a SLICE can make
     (and the rest of that SLICE is discarded with the element). An INDI
     element inside an unclosed one is taken as the next element."""
@@ -766,6 +770,7 @@ class _IndiStream:
     MAX_ELEMENTS = 4096
     MAX_ATTRIBUTES = 32             # a definition has at most a dozen
     MAX_ATTRIBUTE_CHARS = 4096      # libindi's longest, a message, is 1024
+    MAX_TAG_BYTES = 65536
     SLICE = 1024
 
     def __init__(self, max_bytes=16 << 20, source="a peer"):
@@ -781,6 +786,7 @@ class _IndiStream:
         self._open = [next(self._parser.read_events())[1]]     # the synthetic root, then open elements
         self._held = 0                  # bytes since the last complete element
         self._built = 0                 # elements since the last complete element
+        self._open_tag = None           # the start of a tag not yet ended, from its "<"
         self._line, self._column = 1, len(b"<indi>")            # where the next byte fed will be
 
     def feed(self, data):
@@ -808,6 +814,9 @@ class _IndiStream:
 
     def _parse(self, data, elements):
         "Parse data into elements; after an error, return the data left to skip through."
+        if self._tag_too_long(data):
+            self._discard("a tag is longer than %d bytes", self.MAX_TAG_BYTES)
+            return b""
         self._parser.feed(data)
         self._held += len(data)
         try:
@@ -838,6 +847,27 @@ class _IndiStream:
         self._line += newlines
         self._column = len(data) - data.rfind(b"\n") - 1 if newlines else self._column + len(data)
         return b""
+
+    def _tag_too_long(self, data):
+        "Follow tags across feeds: True if one has not ended within MAX_TAG_BYTES."
+        if self._open_tag is None:
+            text, position = data, data.find(b"<")
+        else:
+            text, position = self._open_tag + data, 0
+        self._open_tag = None
+        while position >= 0:
+            tag = _TAG.match(text, position)
+            if tag is not None:
+                position = text.find(b"<", tag.end())
+                continue
+            following = text.find(b"<", position + 1)
+            if following < 0:                       # a tag still open at the end of data
+                if len(text) - position > self.MAX_TAG_BYTES:
+                    return True
+                self._open_tag = text[position:]
+                return False
+            position = following                    # malformed: expat will say so
+        return False
 
     def _beyond_bounds(self, element):
         "What is wrong with an element just started, or None."
