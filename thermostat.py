@@ -1392,6 +1392,16 @@ class ThermoServer(IPyServer):
             self.failure = f"the server stopped on an error: {exc!r}"
         finally:
             self.shutdown()
+            await self._reap_executables()
+
+    async def _reap_executables(self):
+        "ExDriver.shutdown terminates its process without waiting for it: wait, so that none is left behind."
+        for executable in self.exdrivers:
+            if executable.proc is not None and executable.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(executable.proc.wait(), 2)
+                except TimeoutError:
+                    executable.proc.kill()
 
 
 # ===========================================================================

@@ -190,8 +190,11 @@ def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path
     reader.start()
 
     def flood():
-        while flooding:
-            flooder.sendall(GET_ALL.encode() * 50)
+        try:
+            while flooding:
+                flooder.sendall(GET_ALL.encode() * 50)
+        except OSError:
+            pass                        # closed at the end
     sender = threading.Thread(target=flood, daemon=True)
     sender.start()
     arrivals, updates = [], []
@@ -302,6 +305,24 @@ def test_a_client_never_speaks_for_a_relayed_or_unknown_device(in_process, caplo
         spoofer.close()
     finally:
         remote.stop()
+
+
+def test_executable_drivers_are_routed_too(in_process):
+    "make_server still takes add_exdriver: its device answers requests like a local one."
+    server = thermostat.make_server(port=free_port())
+    server.add_exdriver("indi_thermostat", "--device", "Outside")
+    running = in_process(server)
+    client = running.client()
+    deadline = time.monotonic() + 10
+    while not any(e.get("name") == "targetvector" for e in client.received):
+        assert time.monotonic() < deadline, "the executable driver's device was never defined"
+        client.send('<getProperties version="1.7"/>')
+        client._read_some(time.monotonic() + 0.5)
+    client.send(new_number("Outside", "targetvector", "target", "21"))
+    answer = client.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector"
+                           and e.find("oneNumber").text.strip() == "21.00")
+    assert answer.get("device") == "Outside"
+    client.close()
 
 
 # -- 6. no amplification ------------------------------------------------------------------
