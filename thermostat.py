@@ -831,7 +831,7 @@ class _IndiStream:
                 parent = self._open[-1]
                 if parent is self._open[0] or (element.tag in INDI_TAGS and parent.tag in INDI_TAGS):
                     if parent is not self._open[0]:
-                        logger.warning("%s: <%s> was never closed; it is ignored", self.source, parent.tag)
+                        logger.warning("%s: <%s> was never closed; it is ignored", self.source, excerpt(parent.tag))
                     parent.remove(element)
                     elements.append(element)
                     self._held = self._built = 0
@@ -1418,7 +1418,7 @@ VERIFIED_ON = {"indipydriver": "3.1.2", "indipyserver": "0.0.6"}
 def check_foundation():
     "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
     needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"), (IPyDriver, "send"),
-              (IPyDriver, "_monitorsnoop"), (IPyServer, "_runserver"), (IPyServer, "add_exdriver"),
+              (IPyDriver, "_monitorsnoop"), (IPyServer, "shutdown"), (IPyServer, "add_exdriver"),
               (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (ExDriver, "_readdata")]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed
                if not hasattr(owner, name)]

@@ -109,8 +109,9 @@ def test_a_closed_reset_or_cut_off_connection_frees_everything_at_once(in_proces
     server = thermostat.make_server(thermostat.make_driver(poll_interval=0.05), Chatter(), port=free_port(),
                                     max_connections=2, max_unread=256 << 10)
     running = in_process(server)
-    for _ in range(5):                  # cut off, twice the limit over
+    for _ in range(3):                  # cut off, more than the limit
         stalled = stalled_client(server.port)
+        wait_until(lambda: server.clients, what="the stalled client to be accepted")
         wait_until(lambda: not server.clients, what="the stalled client to be cut off")
         stalled.close()
     for _ in range(5):                  # resets, twice the limit over
@@ -119,11 +120,12 @@ def test_a_closed_reset_or_cut_off_connection_frees_everything_at_once(in_proces
         client.expect(tagged("defNumberVector"))
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()
+        wait_until(lambda: not server.clients, what="the reset connection to be forgotten")
     for _ in range(5):                  # clean closes
         client = running.client()
         answered(client)
         client.close()
-    wait_until(lambda: not server.clients, what="every connection to be forgotten")
+        wait_until(lambda: not server.clients, what="the closed connection to be forgotten")
     both = [running.client(), running.client()]
     assert all(answered(client) for client in both)
     for client in both:
