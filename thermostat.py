@@ -5,8 +5,10 @@ Import it:   from thermostat import make_driver, make_server
 
 The module reads top to bottom: the thermostat model (pure, time passed in),
 the INDI driver (requests in, readings out), assembly (make_driver,
-make_server), the command line, and last, fenced, the adaptations to defects
-of indipydriver and indipyserver, with the versions they were verified on.
+make_server), the command line, the server side (ThermoServer: a client side
+of our own on indipyserver's IPyServer), and last, fenced, the adaptations to
+defects of indipydriver and indipyserver, with the versions they were
+verified on.
 """
 
 import argparse
