@@ -1,6 +1,6 @@
 """Benchmark: the thermostat beside libindi's C++ indi_simulator_weather, interleaved in one run.
 
-    python tests/benchmark.py                                       # about two minutes
+    python tests/benchmark.py                                       # about two and a half minutes
     python tests/benchmark.py --cycles 3 --idle-seconds 10 --fan-seconds 1   # a quick look
 
 Three subjects, each in its own processes on a free port, all measured in the same run:
@@ -465,7 +465,7 @@ def main():
     parser.add_argument("--requests", type=int, default=400, help="round trips per subject per cycle (default 400)")
     parser.add_argument("--startups", type=int, default=5, help="start-ups per subject (default 5)")
     parser.add_argument("--idle-seconds", type=float, default=30, help="idle measurement (default 30)")
-    parser.add_argument("--fan-seconds", type=float, default=3, help="each fan-out measurement (default 3)")
+    parser.add_argument("--fan-seconds", type=float, default=10, help="each fan-out measurement (default 10)")
     parser.add_argument("--rate", type=int, default=100, help="fan-out updates per second (default 100)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 10, 100],
                         help="fan-out client counts (default 1 10 100)")
