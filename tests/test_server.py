@@ -6,6 +6,7 @@ this module had before, indipyserver's pool with guards bolted on."""
 import asyncio
 import logging
 import socket
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -377,3 +378,16 @@ def test_serialize_writes_exactly_what_elementtree_writes():
         b'</setBLOBVector>'), thermostat.server_message("Keep alive message")]
     for element in elements:
         assert thermostat.serialize(element) == ET.tostring(element)
+
+
+# -- the event loop ------------------------------------------------------------------------------
+
+async def _loop_module():
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_uvloop_runs_the_command_line_where_installed_else_asyncio(monkeypatch):
+    pytest.importorskip("uvloop")       # a declared dependency on Linux: installed with the package
+    assert thermostat.run(_loop_module()).startswith("uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)        # as where it does not install
+    assert thermostat.run(_loop_module()).startswith("asyncio")
