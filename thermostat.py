@@ -1306,13 +1306,13 @@ class ThermoServer(IPyServer):
                 logger.warning("refused client %s: all %d connections are in use", client.address,
                                self.max_connections)
                 client.send(serialize(server_message(
-                    f"This server is full ({self.max_connections} clients); try again later")))
+                    f"[WARNING] This server is full ({self.max_connections} clients); try again later")))
                 sock.close()
                 return
             logger.warning("closed client %s, which had sent no request, to make room for %s: "
                            "all %d connections are in use", silent.address, client.address, self.max_connections)
             silent.send(serialize(server_message(
-                f"This server is full ({self.max_connections} clients): this connection has sent no "
+                f"[WARNING] This server is full ({self.max_connections} clients): this connection has sent no "
                 f"request, and is closed to make room")))
             silent.close()
         logger.info("client %s connected", client.address)
