@@ -1330,7 +1330,10 @@ class ThermoServer(IPyServer):
         try:
             for family, kind, protocol, _, address in socket.getaddrinfo(
                     self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-                listener = socket.socket(family, kind, protocol)
+                try:
+                    listener = socket.socket(family, kind, protocol)
+                except OSError:
+                    continue                # a family this machine lacks (IPv6, say), as asyncio skips it
                 listeners.append(listener)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
