@@ -1341,6 +1341,8 @@ class ThermoServer(IPyServer):
                 listener.bind(address)
                 listener.listen(128)
                 listener.setblocking(False)
+            if not listeners:
+                raise OSError("no address of this host can be listened on")
         except OSError:
             for listener in listeners:
                 listener.close()
