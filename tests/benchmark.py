@@ -1,31 +1,38 @@
-"""Benchmark: the thermostat beside libindi's C++ indi_simulator_weather, one client for all.
+"""Benchmark: the thermostat beside libindi's C++ indi_simulator_weather, interleaved in one run.
 
-    python tests/benchmark.py                                   # about three minutes
-    python tests/benchmark.py --requests 200 --idle-seconds 10  # a quick look
+    python tests/benchmark.py                                       # about two and a half minutes
+    python tests/benchmark.py --cycles 3 --idle-seconds 10 --fan-seconds 1   # a quick look
 
-Four subjects, each in its own processes on a free port:
-  plain IPyServer  the thermostat in indipyserver's IPyServer as it is (what our fixes cost)
-  ThermoServer     python thermostat.py (indipyserver's IPyServer with this module's fixes)
-  indiserver       libindi's indiserver running indi_thermostat (our executable driver)
-  C++ weather      libindi's indiserver running indi_simulator_weather (the reference)
+Three subjects, each in its own processes on a free port, all measured in the same run:
+  ThermoServer                  python thermostat.py (this module's server)
+  indiserver + indi_thermostat  libindi's indiserver running our executable driver
+  indiserver + C++ weather      libindi's indiserver running indi_simulator_weather (the reference)
 
-Measured, one subject at a time except idle, which runs all side by side:
-  round trip     a newNumberVector sent until the driver's setNumberVector arrives
-                 (targetvector for the thermostat, WEATHER_CONTROL for the weather
-                 simulator), --requests times after a warm-up: p50 and p99;
-  start-up       process start to the first complete def*Vector answered, median of 5;
-  idle           CPU time and resident memory of each subject's processes (server and
-                 driver) over --idle-seconds at the default 10 s poll, one client each;
-  fan-out        with 5 clients (--max-connections' default), the highest poll rate at
-                 which every client receives every update, the same updates in the same
-                 order (the simulation moves 0.2 a poll, so a missed update shows).
+The client is tests/indiclient.c, built here with the C compiler (a plain Python
+client on raw sockets if there is none): it adds little to what it measures.
 
-Prints a table and writes it to --output (default benchmark-results.md). Not a
+  round trip   a newNumberVector sent until the setNumberVector carrying its value
+               arrives (targetvector for the thermostat, WEATHER_CONTROL for the
+               weather simulator). --cycles cycles; in each, every subject in turn
+               (the order rotating) does --requests round trips after a warm-up.
+               p50 and p99 of all, and the ratio to the reference's p50 in each cycle
+               (median, and lowest to highest);
+  start-up     process start to the first definition answered, median of --startups,
+               subjects interleaved;
+  idle         CPU time and resident memory of each subject's processes (server and
+               driver), all side by side over --idle-seconds at the default poll
+               (10 s; the weather simulator's 60 s), one client each;
+  fan-out      1, 10 and 100 clients (--clients) of one vector at 100 updates/s
+               (--rate): updates each client received in --fan-seconds, whether every
+               client received every update (the thermostat moves 0.2 a poll, so a
+               missed update shows; for the weather simulator, all counts equal), the
+               server's CPU, and its CPU per update delivered to one client.
+
+Prints the tables and writes them to --output (default benchmark-results.md). Not a
 test: nothing here asserts a time. Needs indi-bin and `pip install -e .`.
 """
 
 import argparse
-import asyncio
 import os
 import platform
 import shutil
@@ -35,18 +42,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import thermostat  # noqa: E402
 from conftest import cpu_seconds, free_port, rss_mib  # noqa: E402
 
 THERMOSTAT_PY = str(ROOT / "thermostat.py")
-CLIENTS = 5                                     # --max-connections' default
+WEATHER = "Weather Simulator"
+CONNECT = (f'<newSwitchVector device="{WEATHER}" name="CONNECTION"><oneSwitch name="CONNECT">On</oneSwitch>'
+           f'<oneSwitch name="DISCONNECT">Off</oneSwitch></newSwitchVector>')
+
+
+def ask(device, vector=None):
+    return f'<getProperties version="1.7" device="{device}"' + (f' name="{vector}"/>' if vector else "/>")
+
+
+def new_number(device, vector, member, value):
+    return (f'<newNumberVector device="{device}" name="{vector}"><oneNumber name="{member}">{value}</oneNumber>'
+            f'</newNumberVector>')
 
 
 @dataclass
@@ -57,36 +74,40 @@ class Subject:
     vector: str                 # the Number vector the round trip sets
     member: str
     values: tuple               # alternated, so that every request is a change
-    connect_first: bool = False  # the weather simulator starts disconnected
+    answers: tuple              # the values as the answer carries them
+    ask: str                    # the round trip client's getProperties
+    setup: str = ""             # sent once the device has defined CONNECTION
+    fan_vector: str = "temperaturevector"
+    fan_setup: str = ""         # what makes it send fan_vector --rate times a second
+    rows: dict = field(default_factory=dict)
 
-    def start(self, port):
-        return subprocess.Popen([part.format(port=port) for part in self.command],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-THERMOSTAT_TARGET = dict(device="Thermostat", vector="targetvector", member="target", values=(15.0, 15.1))
-THERMOSTAT = Subject("thermostat", [], **THERMOSTAT_TARGET)
-
-
-# the thermostat in indipyserver's IPyServer as it is, to show what this module's fixes cost
-PLAIN_IPYSERVER = ("import asyncio, thermostat, indipyserver; "
-                   "asyncio.run(indipyserver.IPyServer(thermostat.make_driver(), port={port}).asyncrun())")
+    def start(self, port, *extra):
+        return subprocess.Popen([part.format(port=port) for part in self.command] + list(extra),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
-def subjects():
+def subjects(rate):
     driver = shutil.which("indi_thermostat")
     if driver is None or shutil.which("indiserver") is None:
         sys.exit("benchmark: needs indiserver (apt-get install indi-bin) and indi_thermostat (pip install -e .)")
     # -u: each indiserver also listens on a local socket, by default one name for all
-    indiserver = ["indiserver", "-p", "{port}", "-u", "/tmp/indiserver-{port}"]
+    indiserver = ["indiserver", "-p", "{port}", "-u", "/tmp/indiserver-benchmark-{port}"]
+    thermostat = dict(device="Thermostat", vector="targetvector", member="target", values=("15", "15.1"),
+                      answers=("15.00", "15.10"), ask=ask("Thermostat", "targetvector"))
     return [
-        Subject("plain IPyServer", [sys.executable, "-c", PLAIN_IPYSERVER], **THERMOSTAT_TARGET),
-        Subject("ThermoServer", [sys.executable, THERMOSTAT_PY, "--port", "{port}"], **THERMOSTAT_TARGET),
-        Subject("indiserver + indi_thermostat", [*indiserver, driver], **THERMOSTAT_TARGET),
-        Subject("indiserver + C++ weather", [*indiserver, "indi_simulator_weather"],
-                device="Weather Simulator", vector="WEATHER_CONTROL", member="Temperature",
-                values=(15.0, 16.0), connect_first=True),
+        Subject("ThermoServer", [sys.executable, THERMOSTAT_PY, "--port", "{port}", "--max-connections", "1000"],
+                **thermostat),
+        Subject("indiserver + indi_thermostat", [*indiserver, driver], **thermostat,
+                fan_setup=new_number("Thermostat", "POLLING_PERIOD", "PERIOD_MS", f"{1000 / rate:g}")),
+        Subject("indiserver + C++ weather", [*indiserver, "indi_simulator_weather"], device=WEATHER,
+                vector="WEATHER_CONTROL", member="Temperature", values=("15", "16"), answers=("15", "16"),
+                ask=ask(WEATHER), setup=CONNECT, fan_vector="WEATHER_PARAMETERS",
+                fan_setup=CONNECT + new_number(WEATHER, "WEATHER_UPDATE", "PERIOD", f"{1 / rate:g}")),
     ]
+
+
+REFERENCE = "indiserver + C++ weather"
 
 
 # -- processes ---------------------------------------------------------------
@@ -105,16 +126,27 @@ def process_tree(pid):
 
 
 def tree_cpu_seconds(pid):
-    return sum(cpu_seconds(p) for p in process_tree(pid))
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
 
 
 def tree_rss_mib(pid):
-    return sum(rss_mib(p) or 0 for p in process_tree(pid))
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += rss_mib(p) or 0
+        except OSError:
+            pass
+    return total
 
 
 def stop(process):
-    tree = process_tree(process.pid)
-    for pid in reversed(tree):
+    for pid in reversed(process_tree(process.pid)):
         try:
             os.kill(pid, 15)
         except ProcessLookupError:
@@ -126,211 +158,248 @@ def stop(process):
         process.wait()
 
 
-# -- the one client ------------------------------------------------------------
+def wait_for_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
-class Client:
-    "A raw INDI client on asyncio, parsing with the thermostat's own stream splitter."
 
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
-        self.socket = writer.get_extra_info("socket")
-        self.stream = thermostat._IndiStream(max_bytes=1 << 30)
-        self.pending = []
+# -- the client ------------------------------------------------------------------
 
-    @classmethod
-    async def connect(cls, port, timeout=10.0):
-        deadline = time.monotonic() + timeout
+def build_client():
+    "The C client's command, built in a temporary folder; None without a C compiler."
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None
+    folder = tempfile.mkdtemp(prefix="indiclient-")
+    executable = os.path.join(folder, "indiclient")
+    subprocess.run([compiler, "-O2", "-o", executable, str(Path(__file__).with_name("indiclient.c")), "-lm"],
+                   check=True)
+    return [executable]
+
+
+CLIENT = None       # set in main: the C client, or this script as a Python one
+
+
+def client(*arguments, timeout=120):
+    return subprocess.run([*CLIENT, *map(str, arguments)], capture_output=True, text=True, timeout=timeout,
+                          check=True).stdout.split("\n")
+
+
+class PythonClient:
+    "The C client's two modes on raw sockets, for a machine without a compiler (it adds more)."
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def fill(self):
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        self.buffer += data
+
+    def wait_for(self, tag, needle, text=None):
+        opening, closing = f"<{tag}".encode(), f"</{tag}>".encode()
         while True:
-            try:
-                return cls(*await asyncio.open_connection("127.0.0.1", port))
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.002)
+            start = self.buffer.find(opening)
+            end = self.buffer.find(closing, start) if start >= 0 else -1
+            if end < 0:
+                self.fill()
+                continue
+            end += len(closing)
+            element, self.buffer = self.buffer[start:end], self.buffer[end:]
+            if needle.encode() in element and (text is None or any(
+                    part.split(b"<")[0].strip() == text.encode() for part in element.split(b">")[1:])):
+                return
 
-    def send(self, text):
-        self.writer.write(text.encode())
+    def setup(self, ask_text, setup_text, vector):
+        self.sock.sendall(ask_text.encode())
+        if setup_text:
+            self.wait_for("defSwitchVector", 'name="CONNECTION"')
+            self.sock.sendall(setup_text.encode())
+        self.wait_for("defNumberVector", f'name="{vector}"')
 
-    async def element(self):
-        while not self.pending:
-            data = await self.reader.read(1 << 16)
-            if not data:
-                raise ConnectionError("the server closed the connection")
-            # indiserver does not set TCP_NODELAY: a driver that answers with two writes (the weather
-            # simulator sends its value, then a message) would see its next answer held by Nagle's
-            # algorithm until this side's delayed ACK, 40 ms later. Acknowledge at once instead.
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            self.pending = self.stream.feed(data)
-        return self.pending.pop(0)
 
-    async def expect(self, match, timeout=10.0):
-        async with asyncio.timeout(timeout):
-            while not match(element := await self.element()):
-                pass
-            return element
-
-    async def ready(self, subject):
-        "Ask for every property; connect the device if it needs it; wait for the round trip's vector."
-        self.send('<getProperties version="1.7"/>')
-        if subject.connect_first:           # its other properties are defined once connected
-            await self.expect(lambda e: e.tag == "defSwitchVector" and e.get("name") == "CONNECTION")
-            self.send(f'<newSwitchVector device="{subject.device}" name="CONNECTION">'
-                      f'<oneSwitch name="CONNECT">On</oneSwitch><oneSwitch name="DISCONNECT">Off</oneSwitch>'
-                      f'</newSwitchVector>')
-        await self.expect(lambda e: e.tag == "defNumberVector" and e.get("name") == subject.vector)
-
-    def close(self):
-        self.writer.close()
+def python_client(argv):
+    mode, port, ask_text, setup_text, device, vector = argv[:6]
+    if mode == "rtt":
+        member, value0, value1, expect0, expect1, warm_up, count = argv[6:]
+        peer = PythonClient(int(port))
+        peer.setup(ask_text, setup_text, vector)
+        times = []
+        for i in range(int(warm_up) + int(count)):
+            started = time.perf_counter()
+            peer.sock.sendall(new_number(device, vector, member, (value0, value1)[i % 2]).encode())
+            peer.wait_for("setNumberVector", f'name="{vector}"', (expect0, expect1)[i % 2])
+            times.append(time.perf_counter() - started)
+        print("\n".join(f"{t * 1e9:.0f}" for t in times[int(warm_up):]))
+        return 0
+    clients, warm_up, seconds = int(argv[6]), float(argv[7]), float(argv[8])
+    import selectors
+    peers = []
+    for i in range(clients):
+        peer = PythonClient(int(port))
+        peer.setup(ask_text if i == 0 else ask(device, vector), setup_text if i == 0 else "", vector)
+        peer.sock.setblocking(False)
+        peer.count = peer.gaps = 0
+        peer.last = None
+        peers.append(peer)
+    selector = selectors.DefaultSelector()
+    for peer in peers:
+        selector.register(peer.sock, selectors.EVENT_READ, peer)
+    pattern = f'<setNumberVector device="{device}" name="{vector}"'.encode()
+    counting_from = time.monotonic() + warm_up
+    until, counting = counting_from + seconds, False
+    while (now := time.monotonic()) < until:
+        if not counting and now >= counting_from:
+            counting = True
+            print("counting", flush=True)
+        for key, _ in selector.select(0.1):
+            peer = key.data
+            peer.fill()
+            while (start := peer.buffer.find(pattern)) >= 0 and (end := peer.buffer.find(
+                    b"</setNumberVector>", start)) >= 0:
+                element, peer.buffer = peer.buffer[start:end], peer.buffer[end:]
+                if counting:
+                    peer.count += 1
+                    at = element.find(b'name="temperature">')
+                    if at >= 0:
+                        temperature = float(element[at + 19:].split(b"<")[0])
+                        if peer.last is not None and abs(abs(temperature - peer.last) - 0.2) > 0.01:
+                            peer.gaps += 1
+                        peer.last = temperature
+    print("done")
+    print("\n".join(f"{peer.count} {peer.gaps}" for peer in peers))
+    return 0
 
 
 # -- measurements ----------------------------------------------------------------
 
-async def round_trips(subject, requests, warm_up=50):
+def round_trips(subject, port, requests, warm_up=50):
     "Seconds from sending each newNumberVector to receiving the setNumberVector that answers it."
+    lines = client("rtt", port, subject.ask, subject.setup, subject.device, subject.vector, subject.member,
+                   *subject.values, *subject.answers, warm_up, requests)
+    return [int(line) / 1e9 for line in lines if line]
+
+
+def start_up(subject):
+    "Seconds from process start to the first complete property definition answered."
     port = free_port()
+    started = time.perf_counter()
     process = subject.start(port)
     try:
-        client = await Client.connect(port)
-        await client.ready(subject)
-        times = []
-        for i in range(warm_up + requests):
-            value = subject.values[i % 2]
-
-            def answer(e):
-                # the answer carries the value sent: a periodic update of the vector does not
-                return (e.tag == "setNumberVector" and e.get("name") == subject.vector
-                        and any(m.get("name") == subject.member and float(m.text) == value for m in e))
-            started = time.perf_counter()
-            client.send(f'<newNumberVector device="{subject.device}" name="{subject.vector}">'
-                        f'<oneNumber name="{subject.member}">{value}</oneNumber></newNumberVector>')
-            await client.expect(answer)
-            times.append(time.perf_counter() - started)
-        client.close()
-        return times[warm_up:]
+        wait_for_port(port)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(ask(subject.device).encode())
+            received = b""
+            while b"</def" not in received:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError(f"{subject.label} closed the connection")
+                received += data
+        return time.perf_counter() - started
     finally:
         stop(process)
 
 
-async def start_up(subject, runs=5):
-    "Median seconds from process start to the first complete property definition answered."
-    times = []
-    for _ in range(runs):
-        port = free_port()
-        started = time.perf_counter()
-        process = subject.start(port)
-        try:
-            client = await Client.connect(port)
-            client.send('<getProperties version="1.7"/>')
-            await client.expect(lambda e: e.tag.startswith("def"))
-            times.append(time.perf_counter() - started)
-            client.close()
-        finally:
-            stop(process)
-    return statistics.median(times)
+def fan_out(subject, port, process, clients, seconds, warm_up=1.0):
+    """(updates per client per second, every client got every update, server CPU share,
+    server CPU microseconds per update delivered to one client)."""
+    command = [*CLIENT, "fan", str(port), ask(subject.device) if subject.fan_setup else ask(
+        subject.device, subject.fan_vector), subject.fan_setup, subject.device, subject.fan_vector,
+        str(clients), str(warm_up), str(seconds)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "counting", f"{subject.label}: fan-out client failed"
+    cpu_before, started = tree_cpu_seconds(process.pid), time.monotonic()
+    assert reader.stdout.readline().strip() == "done"
+    cpu, elapsed = tree_cpu_seconds(process.pid) - cpu_before, time.monotonic() - started
+    results = [tuple(map(int, line.split())) for line in reader.stdout.read().split("\n") if line]
+    reader.wait(10)
+    counts = [count for count, _ in results]
+    delivered = sum(counts)
+    every = (min(counts) >= max(counts) - 1 and not any(gaps for _, gaps in results) and min(counts) > 0)
+    return (statistics.mean(counts) / seconds, every, cpu / elapsed * 100,
+            cpu / delivered * 1e6 if delivered else float("nan"))
 
 
-async def idle(subjects, seconds):
-    "Per subject: (CPU seconds, over how many seconds, RSS MiB at the end), all running side by side."
-    running = [(s, free_port()) for s in subjects]
-    processes = [s.start(port) for s, port in running]
-    readers = []
+def run(args, chosen):
+    servers = [(s, free_port()) for s in chosen]
+    processes = [s.start(port) for s, port in servers]
     try:
-        for (subject, port) in running:
-            client = await Client.connect(port)
-            await client.ready(subject)
-            readers.append(asyncio.create_task(drain(client)))
-        await asyncio.sleep(2)                      # let start-up work finish
-        before = [tree_cpu_seconds(p.pid) for p in processes]
-        started = time.monotonic()
-        await asyncio.sleep(seconds)
+        for port in (port for _, port in servers):
+            wait_for_port(port)
+        print(f"round trips: {args.cycles} cycles of {args.requests} per subject, interleaved", flush=True)
+        times = {s.label: [] for s in chosen}
+        ratios = {s.label: [] for s in chosen}
+        for cycle in range(args.cycles):
+            p50 = {}
+            order = servers[cycle % len(servers):] + servers[:cycle % len(servers)]
+            for subject, port in order:
+                measured = round_trips(subject, port, args.requests)
+                times[subject.label] += measured
+                p50[subject.label] = statistics.median(measured)
+            for label in p50:
+                ratios[label].append(p50[label] / p50[REFERENCE])
+            print("  cycle %d: %s" % (cycle + 1, ", ".join(f"{label} {p50[label] * 1e3:.3f} ms" for label in p50)),
+                  flush=True)
+        for subject in chosen:
+            ordered = sorted(times[subject.label])
+            subject.rows.update(p50=statistics.median(ordered), p99=ordered[int(len(ordered) * 0.99) - 1],
+                                ratios=ratios[subject.label])
+
+        print(f"idle, side by side, for {args.idle_seconds:g} s", flush=True)
+        idlers = [subprocess.Popen([*CLIENT, "fan", str(port), ask(s.device), s.setup, s.device,
+                                    s.fan_vector, "1", "2", str(args.idle_seconds)], stdout=subprocess.PIPE,
+                                   text=True) for s, port in servers]
+        for idler in idlers:
+            assert idler.stdout.readline().strip() == "counting"
+        before, started = [tree_cpu_seconds(p.pid) for p in processes], time.monotonic()
+        for idler in idlers:
+            idler.stdout.readline()
         elapsed = time.monotonic() - started
-        return [(tree_cpu_seconds(p.pid) - cpu, elapsed, tree_rss_mib(p.pid)) for p, cpu in zip(processes, before)]
+        for (subject, _), process, cpu in zip(servers, processes, before):
+            used = tree_cpu_seconds(process.pid) - cpu
+            subject.rows.update(cpu_s=used, cpu=used / elapsed * 100, rss=tree_rss_mib(process.pid))
+        for idler in idlers:
+            idler.communicate(timeout=10)
     finally:
-        for task in readers:
-            task.cancel()
         for process in processes:
             stop(process)
 
+    print(f"start-up x{args.startups}, interleaved", flush=True)
+    starts = {s.label: [] for s in chosen}
+    for _ in range(args.startups):
+        for subject in chosen:
+            starts[subject.label].append(start_up(subject))
+    for subject in chosen:
+        subject.rows["start"] = statistics.median(starts[subject.label])
 
-async def drain(client):
-    while True:
-        await client.element()
-
-
-async def fan_out(start, rates, seconds=2.0):
-    """The highest rate (polls per second) of rates at which CLIENTS clients
-    all receive every update, and the rate achieved there."""
-    best = (None, None)
-    for rate in rates:
-        process, port, set_rate = await start(rate)
-        try:
-            clients = [await Client.connect(port) for _ in range(CLIENTS)]
-            for client in clients:
-                await client.ready(THERMOSTAT)
-            if set_rate is not None:
-                await set_rate(clients[0])
-            series = [[] for _ in clients]
-            tasks = [asyncio.create_task(collect(c, s)) for c, s in zip(clients, series)]
-            await asyncio.sleep(seconds)
-            for task in tasks:
-                task.cancel()
-            complete, achieved = every_update_to_every_client(series)
-        finally:
-            stop(process)
-        kept_up = complete and achieved >= 0.95 * rate
-        print(f"  {rate:5d} polls/s asked: {achieved:7.1f}/s achieved, "
-              f"{'every client got every update' if complete else 'updates missed'}", flush=True)
-        if not kept_up:
-            break
-        best = (rate, achieved)
-    return best
-
-
-async def collect(client, series):
-    while True:
-        e = await client.element()
-        if e.tag == "setNumberVector" and e.get("name") == "temperaturevector":
-            series.append((datetime.fromisoformat(e.get("timestamp")), round(float(e[0].text), 2)))
-
-
-def every_update_to_every_client(series):
-    "(all clients saw the same updates, none missed, over the common window; updates per second)."
-    if not all(len(s) > 10 for s in series):
-        return False, 0.0
-    first, last = max(s[0][0] for s in series), min(s[-1][0] for s in series)
-    windows = [[r for r in s if first <= r[0] <= last] for s in series]
-    steps = {round(abs(b[1] - a[1]), 2) for a, b in zip(windows[0], windows[0][1:])}
-    rate = (len(windows[0]) - 1) / max((last - first).total_seconds(), 1e-9)
-    return all(w == windows[0] for w in windows) and steps == {0.2}, rate
-
-
-def fan_out_starters():
-    async def thermo_server(rate):
-        port = free_port()
-        process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(1 / rate)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return process, port, None
-
-    async def under_indiserver(rate):
-        port = free_port()
-        process = subprocess.Popen(["indiserver", "-p", str(port), "-u", f"/tmp/indiserver-{port}",
-                                    shutil.which("indi_thermostat")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        async def set_rate(client):
-            # indiserver passes drivers no options: the poll interval is set through POLLING_PERIOD
-            client.send(f'<newNumberVector device="Thermostat" name="POLLING_PERIOD">'
-                        f'<oneNumber name="PERIOD_MS">{1000 / rate:g}</oneNumber></newNumberVector>')
-            await client.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "POLLING_PERIOD")
-        return process, port, set_rate
-    return thermo_server, under_indiserver
-
-
-def serve(port, poll_interval):
-    "The fan-out subject: a ThermoServer whose poll interval may be below the command line's 10 ms floor."
-    thermostat.configure_logging(verbose=False)
-    driver = thermostat.make_driver(poll_interval=poll_interval)
-    return asyncio.run(thermostat.serve(thermostat.make_server(driver, port=port, max_connections=CLIENTS)))
+    print(f"fan-out at {args.rate} updates/s, {args.fan_seconds:g} s each", flush=True)
+    for subject in chosen:
+        subject.rows["fan"] = {}
+    for clients in args.clients:
+        for subject in chosen:
+            port = free_port()
+            extra = ["--poll-interval", f"{1 / args.rate:g}"] if subject.label == "ThermoServer" else []
+            process = subject.start(port, *extra)
+            try:
+                wait_for_port(port)
+                result = fan_out(subject, port, process, clients, args.fan_seconds)
+            finally:
+                stop(process)
+            subject.rows["fan"][clients] = result
+            print(f"  {subject.label}, {clients} clients: {result[0]:.1f} updates/s each, "
+                  f"{'every update to every client' if result[1] else 'UPDATES MISSED'}, "
+                  f"CPU {result[2]:.1f}%, {result[3]:.1f} us per update delivered", flush=True)
 
 
 # -- report --------------------------------------------------------------------------
@@ -340,71 +409,74 @@ def machine():
                 if line.startswith("model name")), platform.processor())
     indi = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "indi-bin"], capture_output=True, text=True)
     from importlib.metadata import version
+
+    def installed(name):
+        try:
+            return version(name)
+        except Exception:
+            return "absent"
     return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"indipydriver {version('indipydriver')}, indipyserver {version('indipyserver')}, "
-            f"indi-bin {indi.stdout or '?'}")
+            f"indipydriver {installed('indipydriver')}, indipyserver {installed('indipyserver')}, "
+            f"uvloop {installed('uvloop')}, indi-bin {indi.stdout or '?'}")
 
 
 def ms(seconds):
     return f"{seconds * 1000:.3f} ms"
 
 
-async def run(args):
-    chosen = subjects()
-    rows = {s.label: {} for s in chosen}
-    for subject in chosen:
-        print(f"{subject.label}: round trip x{args.requests}, start-up x5", flush=True)
-        times = sorted(await round_trips(subject, args.requests))
-        rows[subject.label]["p50"] = statistics.median(times)
-        rows[subject.label]["p99"] = times[min(len(times) - 1, int(len(times) * 0.99))]
-        rows[subject.label]["start"] = await start_up(subject)
-    print(f"all idle, side by side, for {args.idle_seconds:g} s", flush=True)
-    for subject, (cpu, elapsed, rss) in zip(chosen, await idle(chosen, args.idle_seconds)):
-        rows[subject.label].update(cpu_s=cpu, cpu=cpu / elapsed * 100, rss=rss)
-    thermo_server, under_indiserver = fan_out_starters()
-    print(f"fan-out to {CLIENTS} clients", flush=True)
-    rows["ThermoServer"]["fan"] = await fan_out(thermo_server, [10, 20, 50, 100, 200, 500, 1000, 2000])
-    rows["indiserver + indi_thermostat"]["fan"] = await fan_out(under_indiserver, [10, 20, 50, 100])
-    rows["indiserver + C++ weather"]["fan"] = rows["plain IPyServer"]["fan"] = None
-    return rows
-
-
-def report(rows, args):
-    reference = rows["indiserver + C++ weather"]
-
-    def ratio(label, key):
-        return f" ({rows[label][key] / reference[key]:.1f}x)" if reference[key] else ""
-
+def report(chosen, args):
+    reference = next(s for s in chosen if s.label == REFERENCE).rows
+    client_kind = "C client" if CLIENT[0].endswith("indiclient") else "Python client (no C compiler)"
     lines = [f"Benchmark of {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, `python tests/benchmark.py "
-             f"--requests {args.requests} --idle-seconds {args.idle_seconds:g}`",
+             f"--cycles {args.cycles} --requests {args.requests} --idle-seconds {args.idle_seconds:g} "
+             f"--fan-seconds {args.fan_seconds:g}`, {client_kind},",
              f"on {machine()}.", "",
-             "Ratios in brackets are to libindi's C++ indi_simulator_weather under indiserver.", "",
-             "| subject | round trip p50 | round trip p99 | start-up | idle CPU | idle RSS | "
-             f"fan-out to {CLIENTS} clients |",
+             f"Ratios are to libindi's C++ indi_simulator_weather under indiserver: for round trips, "
+             f"the median of the {args.cycles} cycles' ratios of p50, with the lowest and highest.", "",
+             "| subject | round trip p50 | p99 | ratio per cycle | start-up | idle CPU | idle RSS |",
              "|---|---|---|---|---|---|---|"]
-    for label, row in rows.items():
-        fan = ("n/a" if row["fan"] is None else "none" if row["fan"][0] is None
-               else f"{row['fan'][0]} polls/s ({row['fan'][1]:.0f} achieved)")
-        lines.append(f"| {label} | {ms(row['p50'])}{ratio(label, 'p50')} | {ms(row['p99'])}{ratio(label, 'p99')} "
-                     f"| {ms(row['start'])}{ratio(label, 'start')} | {row['cpu']:.3f}% ({row['cpu_s']:.2f} s) | "
-                     f"{row['rss']:.1f} MiB{ratio(label, 'rss')} | {fan} |")
+    for subject in chosen:
+        row = subject.rows
+        ratio = (f"{statistics.median(row['ratios']):.2f}x ({min(row['ratios']):.2f}-{max(row['ratios']):.2f})")
+        lines.append(f"| {subject.label} | {ms(row['p50'])} | {ms(row['p99'])} | {ratio} "
+                     f"| {ms(row['start'])} ({row['start'] / reference['start']:.1f}x) "
+                     f"| {row['cpu']:.3f}% ({row['cpu_s']:.2f} s) | {row['rss']:.1f} MiB |")
+    lines += ["", f"Fan-out: clients of one vector at {args.rate} updates/s, {args.fan_seconds:g} s each; "
+              "server CPU (server and driver processes), and that CPU per update delivered to one client.", "",
+              "| subject | clients | updates/s each | every update to every client | server CPU | per update delivered |",
+              "|---|---|---|---|---|---|"]
+    for clients in args.clients:
+        for subject in chosen:
+            rate, every, cpu, cost = subject.rows["fan"][clients]
+            lines.append(f"| {subject.label} | {clients} | {rate:.1f} | {'yes' if every else 'NO'} | {cpu:.1f}% "
+                         f"| {cost:.1f} us |")
     return "\n".join(lines) + "\n"
 
 
 def main():
+    global CLIENT
+    if sys.argv[1:2] in (["rtt"], ["fan"]):
+        return python_client(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--requests", type=int, default=1000, help="round trips per subject (default 1000)")
-    parser.add_argument("--idle-seconds", type=float, default=60, help="idle measurement (default 60)")
-    parser.add_argument("--output", default=str(ROOT / "benchmark-results.md"), help="where to write the table")
-    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--cycles", type=int, default=5, help="round-trip cycles (default 5)")
+    parser.add_argument("--requests", type=int, default=400, help="round trips per subject per cycle (default 400)")
+    parser.add_argument("--startups", type=int, default=5, help="start-ups per subject (default 5)")
+    parser.add_argument("--idle-seconds", type=float, default=30, help="idle measurement (default 30)")
+    parser.add_argument("--fan-seconds", type=float, default=10, help="each fan-out measurement (default 10)")
+    parser.add_argument("--rate", type=int, default=100, help="fan-out updates per second (default 100)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 10, 100],
+                        help="fan-out client counts (default 1 10 100)")
+    parser.add_argument("--python-client", action="store_true", help="use the Python client even with a compiler")
+    parser.add_argument("--output", default=str(ROOT / "benchmark-results.md"), help="where to write the tables")
     args = parser.parse_args()
-    if args.serve:
-        return serve(int(args.serve[0]), float(args.serve[1]))
+    CLIENT = (None if args.python_client else build_client()) or [sys.executable, __file__]
     # The subjects keep their settings in a throwaway file, not in the user's ~/.indi.
     os.environ["INDICONFIG"] = os.path.join(tempfile.mkdtemp(prefix="benchmark-"), "indi_config.xml")
-    table = report(asyncio.run(run(args)), args)
+    chosen = subjects(args.rate)
+    run(args, chosen)
+    table = report(chosen, args)
     print()
     print(table)
     Path(args.output).write_text(table)

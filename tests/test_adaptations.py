@@ -173,8 +173,8 @@ def test_a_port_in_use_is_a_recorded_failure():
 
 
 def test_start_up_fails_loudly_when_an_internal_is_missing(monkeypatch):
-    monkeypatch.delattr(IPyServer, "_broadcast")
-    with pytest.raises(RuntimeError, match="IPyServer._broadcast"):
+    monkeypatch.delattr(IPyServer, "add_exdriver")
+    with pytest.raises(RuntimeError, match="IPyServer.add_exdriver"):
         thermostat.make_server(port=free_port())
 
 

@@ -19,7 +19,7 @@ DEVICE = "Thermostat"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
-    running = ServerProcess(*FAST, "--log-dir", str(log_dir), "--max-connections", "4")
+    running = ServerProcess(*FAST, "--log-dir", str(log_dir), "--max-connections", "4", "--max-unread", "1")
     running.log_dir = log_dir
     watcher = running.client()          # connected throughout: every update and every file
     watcher.send('<getProperties version="1.7"/><enableBLOB device="Thermostat">Also</enableBLOB>')
@@ -238,8 +238,8 @@ def test_clients_that_disconnect_mid_message_or_mid_blob(server):
 
 def test_a_client_that_never_reads_is_cut_off_and_memory_stays_bounded(server):
     """A client that keeps asking (about 3 KB of definitions per request) and
-    never reads: the server holds at most _ClientLink.max_pending messages
-    for it, then disconnects it, while regulating and logging go on."""
+    never reads: the server holds at most --max-unread (1 MiB here) for it,
+    then disconnects it, while regulating and logging go on."""
     before = peak = rss_mib(server.process.pid)
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

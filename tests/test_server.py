@@ -1,0 +1,393 @@
+"""ThermoServer's client side, against what a hostile or broken client does:
+connections, output, fair input, parser bounds, a client speaking for a
+device, and amplification (issue 8). Each test failed on the client side
+this module had before, indipyserver's pool with guards bolted on."""
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from datetime import datetime
+
+import pytest
+from indipydriver import IPyDriver, Device, TextVector, TextMember
+
+import thermostat
+from conftest import FAST, IndiClient, ServerProcess, free_port, new_number, rss_mib, tagged, wait_for_port
+
+GET_ALL = '<getProperties version="1.7"/>'
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle():
+    "Warnings are throttled per minute across the whole test run: each test starts with a fresh count."
+    for name in ("thermostat", "asyncio"):
+        for throttle in logging.getLogger(name).filters:
+            throttle._windows.clear()
+
+
+def wait_until(condition, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def answered(client, timeout=5.0):
+    "True if a getProperties on this connection is answered."
+    client.send('<getProperties version="1.7" device="Thermostat" name="CONNECTION"/>')
+    client.expect(tagged("defSwitchVector", name="CONNECTION"), timeout=timeout)
+    return True
+
+
+def stalled_client(port, request=GET_ALL):
+    "A client that asks, then never reads."
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request.encode())
+    return sock
+
+
+class Chatter(IPyDriver):
+    "A device that sends a 16 KB text update every 5 ms: a stopped client falls behind fast."
+
+    def __init__(self):
+        super().__init__(Device("Chatter", [TextVector("chatter", "Chatter", "Main", "ro", "Ok", [
+            TextMember("text", "Text", membervalue="x" * 16384)])]))
+
+    async def hardware(self):
+        while not self.stop:
+            await self["Chatter"]["chatter"].send_setVector()
+            await asyncio.sleep(0.005)
+
+
+# -- 1. connections ------------------------------------------------------------
+
+def test_idle_and_stalled_connections_never_keep_a_client_out_below_the_limit(served):
+    server = served()                   # the default limit
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+    stalled = [stalled_client(server.port) for _ in range(5)]
+    try:
+        for _ in range(3):
+            client = server.client()
+            assert answered(client)
+            client.close()
+    finally:
+        for sock in silent + stalled:
+            sock.close()
+
+
+def _closed_with(client, words):
+    "The server told this client something containing words, then closed it."
+    message = client.expect(tagged("message"), timeout=3)
+    assert words in message.get("message")
+    with pytest.raises(ConnectionError):
+        client.expect(lambda e: False, timeout=3)
+    return True
+
+
+def test_at_the_limit_a_connection_that_never_asked_makes_room(served):
+    server = served("--max-connections", "3")
+    watcher = server.client()
+    assert answered(watcher)
+    first_silent, second_silent = server.client(), server.client()
+    time.sleep(0.2)                     # accepted in this order
+    newcomer = server.client()
+    assert answered(newcomer)           # room made...
+    assert _closed_with(first_silent, "sent no request")      # ...by the longest silent connection
+    assert answered(second_silent)
+    refused = server.client()           # now all three have asked: the newcomer is told
+    assert _closed_with(refused, "This server is full (3 clients)")
+    assert answered(watcher) and answered(newcomer)
+    assert "to make room for" in server.stderr_text() and "refused client" in server.stderr_text()
+
+
+def test_a_closed_reset_or_cut_off_connection_frees_everything_at_once(in_process):
+    server = thermostat.make_server(thermostat.make_driver(poll_interval=0.05), Chatter(), port=free_port(),
+                                    max_connections=2, max_unread=256 << 10)
+    running = in_process(server)
+    for _ in range(3):                  # cut off, more than the limit
+        stalled = stalled_client(server.port)
+        wait_until(lambda: server.clients, what="the stalled client to be accepted")
+        wait_until(lambda: not server.clients, what="the stalled client to be cut off")
+        stalled.close()
+    for _ in range(5):                  # resets, twice the limit over
+        client = running.client()
+        client.send(GET_ALL)
+        client.expect(tagged("defNumberVector"))
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+        wait_until(lambda: not server.clients, what="the reset connection to be forgotten")
+    for _ in range(5):                  # clean closes
+        client = running.client()
+        answered(client)
+        client.close()
+        wait_until(lambda: not server.clients, what="the closed connection to be forgotten")
+    both = [running.client(), running.client()]
+    assert all(answered(client) for client in both)
+    for client in both:
+        client.close()
+
+
+# -- 2. output -------------------------------------------------------------------
+
+def test_each_element_is_serialized_once_for_every_client(in_process, monkeypatch):
+    serialized = []
+    original = thermostat.serialize
+    monkeypatch.setattr(thermostat, "serialize", lambda element: serialized.append(element) or original(element))
+    server = thermostat.make_server(thermostat.make_driver(poll_interval=0.05), port=free_port())
+    running = in_process(server)
+    clients = [running.client() for _ in range(5)]
+    for client in clients:
+        client.send(GET_ALL)
+        client.expect(tagged("defNumberVector", name="temperaturevector"))
+    updates = [client.gather(tagged("setNumberVector", name="temperaturevector"), 10) for client in clients]
+    assert all([e.get("timestamp") for e in u] == [e.get("timestamp") for e in updates[0]] for u in updates)
+    sent = [e.get("timestamp") for e in serialized if e.get("name") == "temperaturevector" and e.tag.startswith("set")]
+    for update in updates[0]:
+        assert sent.count(update.get("timestamp")) == 1
+    for client in clients:
+        client.close()
+
+
+def test_a_stopped_client_costs_at_most_its_bound_and_is_named_when_cut_off(in_process, caplog):
+    caplog.set_level(logging.WARNING, logger="thermostat")
+    bound = 256 << 10
+    server = thermostat.make_server(Chatter(), port=free_port(), max_unread=bound)
+    in_process(server)
+    stalled = stalled_client(server.port)
+    address = "%s:%d" % stalled.getsockname()
+    wait_until(lambda: server.clients, what="the client to be accepted")
+    (client,) = server.clients
+    wait_until(lambda: not server.clients, what="the stalled client to be cut off")
+    assert client.peak_unsent_bytes <= bound + 20000          # the bound, and the element that crossed it
+    assert not client.unsent and client.unsent_bytes == 0
+    warnings = [r.getMessage() for r in caplog.records if "has not read its last" in r.getMessage()]
+    assert len(warnings) == 1 and f"client {address}: disconnected" in warnings[0]
+    stalled.close()
+
+
+# -- 3. fair input ---------------------------------------------------------------
+
+def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path):
+    server = served("--log-dir", str(tmp_path))
+    watcher = server.client()
+    watcher.send('<getProperties version="1.7" device="Thermostat"/>')
+    watcher.send('<newSwitchVector device="Thermostat" name="switchvector">'
+                 '<oneSwitch name="switchmember">On</oneSwitch></newSwitchVector>')
+    watcher.expect(tagged("setSwitchVector", name="switchvector"))
+    flooder = socket.create_connection(("127.0.0.1", server.port))
+    flooding, received = True, [0]
+
+    def read_answers():
+        while flooding:
+            try:
+                received[0] += len(flooder.recv(1 << 16))
+            except OSError:
+                return
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
+
+    def flood():
+        try:
+            while flooding:
+                flooder.sendall(GET_ALL.encode() * 50)
+        except OSError:
+            pass                        # closed at the end
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    arrivals, updates = [], []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        update = watcher.expect(tagged("setNumberVector", name="temperaturevector"), timeout=2)
+        arrivals.append(time.monotonic())
+        updates.append(datetime.fromisoformat(update.get("timestamp")))
+    flooding = False
+    flooder.close()
+    sender.join(2)
+    reader.join(2)
+    polls = round((updates[-1] - updates[0]).total_seconds() / 0.05) + 1
+    gap = max(b - a for a, b in zip(arrivals, arrivals[1:]))
+    print(f"watcher: {len(updates)} of {polls} updates, longest gap {gap:.3f} s; flooder read {received[0]} bytes")
+    assert received[0] > 1 << 20, "the flood was not answered"
+    assert len(updates) >= 0.95 * polls and gap < 1.0
+    assert "log backlog full" not in server.stderr_text()
+
+
+# -- 4. parser bounds --------------------------------------------------------------
+
+ATTACKS = {
+    "nested tags": b"<a>" * (2 << 20),
+    "children": b'<newTextVector device="Thermostat" name="x">' + b'<oneText name="t"/>' * (300 << 10),
+    "attributes": b"<message " + b"".join(b'a%d="" ' % i for i in range(600 << 10)) + b"/>",
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_what_a_client_sends_builds_a_bounded_amount(served, attack):
+    server = served()
+    before = rss_mib(server.process.pid)
+    client = server.client()
+    client.send(ATTACKS[attack])
+    assert answered(client, timeout=20)
+    grown = rss_mib(server.process.pid) - before
+    print(f"{attack}: {len(ATTACKS[attack]) >> 20} MiB sent, the server grew {grown:.1f} MiB")
+    assert grown < 20
+    assert "skipping to the next INDI element" in server.stderr_text()
+
+
+def test_blob_settings_are_kept_only_for_devices_that_exist(in_process, caplog):
+    caplog.set_level(logging.WARNING, logger="thermostat")
+    server = thermostat.make_server(thermostat.make_driver(), port=free_port())
+    running = in_process(server)
+    client = running.client()
+    client.send("".join(f'<enableBLOB device="Ghost{i}">Also</enableBLOB>' for i in range(2000)))
+    client.send('<enableBLOB device="Thermostat">Also</enableBLOB>')
+    assert answered(client)
+    (link,) = server.clients
+    assert link.blobs == {"Thermostat": "Also"}
+    assert any("ignored an enableBLOB for 'Ghost0'" in r.getMessage() for r in caplog.records)
+    client.close()
+
+
+# -- 5. a client asks; it never speaks for a device -----------------------------------
+
+SPOOFS = [
+    '<setNumberVector device="Thermostat" name="temperaturevector" state="Ok">'
+    '<oneNumber name="temperature">77</oneNumber></setNumberVector>',
+    '<defNumberVector device="Thermostat" name="spoofed" perm="ro" state="Ok">'
+    '<defNumber name="temperature">77</defNumber></defNumberVector>',
+    '<defNumberVector device="Heater2" name="temperaturevector" perm="ro" state="Alert">'
+    '<defNumber name="temperature">150</defNumber></defNumberVector>',
+    '<setNumberVector device="Heater2" name="temperaturevector"><oneNumber name="temperature">150</oneNumber>'
+    '</setNumberVector>',
+    '<message device="Heater2" message="OVERHEAT: evacuate the building 77"/>',
+    '<message device="Thermostat" message="spoofed 77"/>',
+    '<message message="spoofed 77"/>',
+    '<delProperty device="Telescope"/>',
+    '<delProperty device="Thermostat" name="targetvector"/>',
+]
+
+
+def spoofed(element):
+    return ("77" in (element.get("message") or "") or element.get("device") in ("Heater2", "Telescope")
+            or element.tag == "delProperty" or element.get("name") == "spoofed"
+            or any((member.text or "").strip() in ("77", "150") for member in element))
+
+
+def test_a_client_never_speaks_for_a_relayed_or_unknown_device(in_process, caplog):
+    caplog.set_level(logging.WARNING, logger="thermostat")
+    remote = ServerProcess(*FAST)
+    try:
+        relay = thermostat.make_server(port=free_port())
+        relay.add_remote("127.0.0.1", remote.port)
+        running = in_process(relay)
+        watcher = running.client()
+        deadline = time.monotonic() + 10
+        while not any(e.get("name") == "temperaturevector" for e in watcher.received):
+            assert time.monotonic() < deadline, "the relayed thermostat was never defined"
+            watcher.send(GET_ALL)
+            watcher._read_some(time.monotonic() + 0.5)
+        spoofer = running.client()
+        spoofer.send("".join(SPOOFS))
+        spoofer.send(GET_ALL)
+        watcher.gather(tagged("setNumberVector", name="temperaturevector"), 10)
+        assert running.thread.is_alive() and relay.failure is None
+        assert not [ET.tostring(e) for e in watcher.received if spoofed(e)]
+        spoofer.send(new_number("Thermostat", "targetvector", "target", "21"))     # asking still works
+        answer = spoofer.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector"
+                                and e.find("oneNumber").text.strip() == "21.00")
+        assert answer is not None
+        refused = [r.getMessage() for r in caplog.records if "only a device may send this" in r.getMessage()]
+        assert len(refused) == len(SPOOFS)
+        watcher.close()
+        spoofer.close()
+    finally:
+        remote.stop()
+
+
+def test_executable_drivers_are_routed_too(in_process):
+    "make_server still takes add_exdriver: its device answers requests like a local one."
+    server = thermostat.make_server(port=free_port())
+    server.add_exdriver("indi_thermostat", "--device", "Outside")
+    running = in_process(server)
+    client = running.client()
+    deadline = time.monotonic() + 10
+    while not any(e.get("name") == "targetvector" for e in client.received):
+        assert time.monotonic() < deadline, "the executable driver's device was never defined"
+        client.send('<getProperties version="1.7"/>')
+        client._read_some(time.monotonic() + 0.5)
+    client.send(new_number("Outside", "targetvector", "target", "21"))
+    answer = client.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector"
+                           and e.find("oneNumber").text.strip() == "21.00")
+    assert answer.get("device") == "Outside"
+    client.close()
+
+
+# -- 6. no amplification ------------------------------------------------------------------
+
+def test_a_rejection_quotes_only_a_short_excerpt(served):
+    server = served()
+    client = server.client()
+    client.send(GET_ALL)
+    client.send(new_number("Thermostat", "targetvector", "target", "9" * 100000))
+    reply = client.expect(lambda e: e.get("name") == "targetvector" and e.get("state") == "Alert")
+    client.send(new_number("Thermostat", "x" * 3000, "target", "20"))
+    message = client.expect(lambda e: e.tag == "message" and "no such property" in e.get("message", ""))
+    client.send(f'<newNumberVector device="{"G" * 3000}" name="x"/>')
+    assert answered(client)
+    assert len(reply.get("message")) <= 200 and len(message.get("message")) <= 300
+    assert max(len(line) for line in server.stderr_text().splitlines()) < 400
+
+
+def test_errors_are_throttled_like_warnings_asyncio_s_too():
+    caught = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            caught.append(record)
+    for name in ("thermostat", "asyncio"):
+        handler = Catch()
+        source = logging.getLogger(name)
+        source.addHandler(handler)
+        try:
+            for i in range(50):
+                source.error("Fatal error on transport %d", i)
+        finally:
+            source.removeHandler(handler)
+    assert len(caught) == 2 * 20
+
+
+# -- the serializer ----------------------------------------------------------------------------
+
+def test_serialize_writes_exactly_what_elementtree_writes():
+    driver = thermostat.make_driver()
+    elements = [vector._make_defVector() if hasattr(vector, "_make_defVector") else None
+                for vector in driver.device.values()]
+    elements = [e for e in elements if e is not None]
+    odd = ET.Element("message", device='a "quoted" <&> device', message="tabs\tand\nlines\r and é€ 𝄞")
+    odd.text = "text <&> \"quotes\" é"
+    child = ET.SubElement(odd, "oneText", name="x")
+    child.tail = "tail & more"
+    elements += [odd, ET.Element("getProperties", version="1.7"), ET.fromstring(
+        b'<setBLOBVector device="T" name="b"><oneBLOB name="f" size="3" format=".csv">QUFB\n</oneBLOB>'
+        b'</setBLOBVector>'), thermostat.server_message("Keep alive message")]
+    for element in elements:
+        assert thermostat.serialize(element) == ET.tostring(element)
+
+
+# -- the event loop ------------------------------------------------------------------------------
+
+async def _loop_module():
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_uvloop_runs_the_command_line_where_installed_else_asyncio(monkeypatch):
+    pytest.importorskip("uvloop")       # a declared dependency on Linux: installed with the package
+    assert thermostat.run(_loop_module()).startswith("uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)        # as where it does not install
+    assert thermostat.run(_loop_module()).startswith("asyncio")
