@@ -807,9 +807,10 @@ SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", SAFETY_
 CONFIG_MAX_BYTES = 64 * 1024        # a saved configuration is a few hundred bytes
 SAVE_SPACING = 0.1                  # seconds between writes of the file in a burst of changes
 MESSAGE_LEVELS = ("[INFO] ", "[WARNING] ", "[ERROR] ")
-# What only a device sends: a driver that receives one for its own device ignores it.
-DEVICE_TAGS = frozenset({"delProperty", *(f"{kind}{vector}Vector" for kind in ("def", "set")
-                                          for vector in ("Text", "Number", "Switch", "Light", "BLOB"))})
+# What only a device sends: a driver that receives one for its own device ignores it,
+# and the server takes it from no client.
+DEVICE_TAGS = frozenset({"message", "delProperty", *(f"{kind}{vector}Vector" for kind in ("def", "set")
+                                                     for vector in ("Text", "Number", "Switch", "Light", "BLOB"))})
 
 
 class ThermoDriver(IPyDriver):
@@ -1837,10 +1838,6 @@ DEFAULT_MAX_UNREAD_MIB = 32         # libindi's indiserver -m: 128 MB
 READ_SIZE = 65536
 
 NEW_TAGS = frozenset({"newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector"})
-DEVICE_TAGS = frozenset({           # what only a device sends
-    "message", "delProperty",
-    "defTextVector", "defNumberVector", "defSwitchVector", "defLightVector", "defBLOBVector",
-    "setTextVector", "setNumberVector", "setSwitchVector", "setLightVector", "setBLOBVector"})
 INDI_TAGS = NEW_TAGS | DEVICE_TAGS | {"getProperties", "enableBLOB"}
 BLOB_MODES = ("Never", "Also", "Only")
 

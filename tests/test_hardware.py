@@ -16,7 +16,7 @@ import time
 import pytest
 
 import thermostat
-from conftest import FAST, ROOT, IndiClient, ServerProcess, free_port, new_number, tagged, wait_for_port
+from conftest import FAST, ROOT, free_port, new_number, wait_for_port
 
 HEATER_SCRIPT = """#!/bin/sh
 # records what it was told; fails to switch on while heater-fails exists, hangs while heater-hangs does

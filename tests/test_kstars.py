@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import thermostat
-from conftest import (FAST, ROOT, ServerProcess, free_port, new_number, new_switch, tagged,
-                      wait_for_port)
+from conftest import FAST, ROOT, ServerProcess, free_port, new_number, new_switch, tagged
 
 GET_ALL = '<getProperties version="1.7"/>'
 WHOLE_SECOND = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")

@@ -16,7 +16,7 @@ import pytest
 from indipydriver import IPyDriver, Device, TextVector, TextMember
 
 import thermostat
-from conftest import FAST, IndiClient, ServerProcess, free_port, new_number, rss_mib, tagged, wait_for_port
+from conftest import FAST, ServerProcess, free_port, new_number, rss_mib, tagged
 
 GET_ALL = '<getProperties version="1.7"/>'
 
