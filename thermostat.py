@@ -17,6 +17,7 @@ import collections
 import contextvars
 import errno
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -2137,6 +2138,7 @@ class _Client:
         self.unsent = collections.deque()   # bytes waiting for it, oldest first
         self.unsent_bytes = 0
         self.peak_unsent_bytes = 0
+        self.writing = False                # waiting for the socket to take more
         self.closed = False
         self.write_failed = False           # it went away: read what it sent before, then close
         self.waiting = False                # for input: its task may be cancelled
@@ -2170,20 +2172,13 @@ class _Client:
             self.send(data)
 
     def send(self, data):
+        """Queue data; what is queued in one turn of the event loop goes out
+        at its end in one system call (a poll's updates, a getProperties'
+        definitions), the socket's own work being most of a send's cost."""
         if self.closed or self.write_failed:
             return
         if not self.unsent:
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._went_away()
-                return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-            self.loop.add_writer(self.fd, self._write)
+            self.loop.call_soon(self._write)
         self.unsent.append(data)
         self.unsent_bytes += len(data)
         if self.unsent_bytes > self.peak_unsent_bytes:
@@ -2194,22 +2189,36 @@ class _Client:
                 self.close()
 
     def _write(self):
-        "The socket can take more: send what waits, oldest first."
-        while self.unsent:
-            data = self.unsent[0]
+        "Send what waits, oldest first; if the socket is full, again when it can take more."
+        while self.unsent and not self.closed:
             try:
-                sent = self.sock.send(data)
+                sent = self.sock.sendmsg(itertools.islice(self.unsent, 256))
             except BlockingIOError:
-                return
+                break                       # the socket is full
             except OSError:
                 self._went_away()
                 return
             self.unsent_bytes -= sent
-            if sent < len(data):
-                self.unsent[0] = memoryview(data)[sent:]
-                return
-            self.unsent.popleft()
-        self.loop.remove_writer(self.fd)
+            while sent:
+                if sent < len(self.unsent[0]):
+                    self.unsent[0] = memoryview(self.unsent[0])[sent:]
+                    break
+                sent -= len(self.unsent.popleft())
+            else:
+                continue                    # all of it went: more may wait
+            break                           # the socket is full
+        if self.unsent and not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.fd, self._write)
+        elif not self.unsent and self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+
+    def say_last(self, text):
+        "A last message from the server, written at once, then the connection is closed."
+        self.send(serialize(server_message(text)))
+        self._write()
+        self.close()
 
     def _went_away(self):
         """A write failed: the client reset or closed the connection. It may
@@ -2219,10 +2228,11 @@ class _Client:
         self._forget_unsent()
 
     def _forget_unsent(self):
-        if self.unsent:
+        if self.writing:
+            self.writing = False
             self.loop.remove_writer(self.fd)
-            self.unsent.clear()
-            self.unsent_bytes = 0
+        self.unsent.clear()
+        self.unsent_bytes = 0
 
     def close(self):
         if self.closed:
@@ -2474,16 +2484,13 @@ class ThermoServer(IPyServer):
             if silent is None:
                 logger.warning("refused client %s: all %d connections are in use", client.address,
                                self.max_connections)
-                client.send(serialize(server_message(
-                    f"[WARNING] This server is full ({self.max_connections} clients); try again later")))
+                client.say_last(f"[WARNING] This server is full ({self.max_connections} clients); try again later")
                 sock.close()
                 return
             logger.warning("closed client %s, which had sent no request, to make room for %s: "
                            "all %d connections are in use", silent.address, client.address, self.max_connections)
-            silent.send(serialize(server_message(
-                f"[WARNING] This server is full ({self.max_connections} clients): this connection has sent no "
-                f"request, and is closed to make room")))
-            silent.close()
+            silent.say_last(f"[WARNING] This server is full ({self.max_connections} clients): this connection has "
+                            f"sent no request, and is closed to make room")
         logger.info("client %s connected", client.address)
         self.clients[client] = None
         self._client_list = tuple(self.clients)
