@@ -193,8 +193,8 @@ class LogFile:
     def row(reading):
         return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n"
 
-    def add(self, reading):
-        row = self.row(reading)
+    def add(self, reading, row):
+        "Append row, the reading's row (see row())."
         if not self.rows:
             self.first = reading.timestamp
         self.rows.append(row)
@@ -634,18 +634,19 @@ class ThermalControl:
 
     def _log(self, reading, now):
         period = timedelta(seconds=self.log_period)     # read each time: clients may change it
+        row = LogFile.row(reading)
         if now >= self._period_start + period:
             self._finish_file(now)
             self._logfile = LogFile(self.file_prefix)
             self._period_start += period
             if now >= self._period_start + period:      # polls were late: start afresh
                 self._period_start = now
-        elif self._logfile.size + len(LogFile.row(reading)) > self.max_file_bytes:
+        elif self._logfile.size + len(row) > self.max_file_bytes:
             logger.warning("log file %s reached %d bytes before its log period ended: cut there, "
                            "the next file goes on", self._logfile.name, self._logfile.size)
             self._finish_file(now)
             self._logfile = LogFile(self.file_prefix)
-        self._logfile.add(reading)
+        self._logfile.add(reading, row)
         if self.writer is not None:
             self.writer.append(self._logfile, now)
 
