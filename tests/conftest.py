@@ -33,6 +33,14 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def wait_until(condition, timeout=10.0, what="the condition"):
+    "Wait for condition() to be true, polling every 10 ms; fail after timeout seconds."
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def wait_for_port(port, timeout=10.0, process=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,14 +6,13 @@ import logging
 import os
 import re
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 import thermostat
-from conftest import FAST, ROOT, ServerProcess, free_port, new_number, new_switch, tagged
+from conftest import FAST, ROOT, ServerProcess, free_port, new_number, new_switch, tagged, wait_until
 
 GET_ALL = '<getProperties version="1.7"/>'
 WHOLE_SECOND = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -63,14 +62,6 @@ def saved(path):
 
 def write_config(path, *requests):
     path.write_text("<INDIDriver>\n" + "\n".join(requests) + "\n</INDIDriver>\n")
-
-
-def wait_until(condition, timeout=5.0, what="a condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def saved_target(path):
@@ -155,7 +146,7 @@ def test_every_accepted_change_is_saved_at_once_in_libindis_format(started, indi
     client.send(GET_ALL)
     client.send(new_number("Thermostat", "targetvector", "target", "21.5"))
     assert reply_to(client, "targetvector").get("state") in ("Ok", "Busy")
-    wait_until(lambda: saved_target(indi_config) == "21.50", what="the target saved")
+    wait_until(lambda: saved_target(indi_config) == "21.50", timeout=5.0, what="the target saved")
     client.send(new_number("Thermostat", "targetvector", "target", "500"))     # refused: not saved
     assert reply_to(client, "targetvector").get("state") == "Alert"
     indi_config.unlink()
@@ -200,7 +191,7 @@ def test_safety_limits_are_saved_and_the_command_line_wins_over_them(started, in
                 '30</oneNumber><oneNumber name="maxheateron">120</oneNumber></newNumberVector>')
     assert reply_to(client, "limitsvector").get("state") == "Ok"
     wait_until(lambda: indi_config.exists() and saved(indi_config).get(("limitsvector", "maxheateron")) == "120",
-               what="the limits saved")
+               timeout=5.0, what="the limits saved")
     client.close()
     assert first.stop() == 0
 
@@ -276,7 +267,7 @@ def test_indiconfig_names_the_file_and_config_and_no_config_choose_otherwise(sta
         server = started(*FAST, *options)
         client = server.client()
         client.send(new_number("Thermostat", "targetvector", "target", "19"))
-        wait_until(lambda: saved_target(path) == "19.00", what=f"the target saved in {path}")
+        wait_until(lambda: saved_target(path) == "19.00", timeout=5.0, what=f"the target saved in {path}")
         client.close()
         server.stop()
         path.unlink()

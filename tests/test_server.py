@@ -16,7 +16,7 @@ import pytest
 from indipydriver import IPyDriver, Device, TextVector, TextMember
 
 import thermostat
-from conftest import FAST, ServerProcess, free_port, new_number, rss_mib, tagged
+from conftest import FAST, ServerProcess, free_port, new_number, rss_mib, tagged, wait_until
 
 GET_ALL = '<getProperties version="1.7"/>'
 
@@ -27,13 +27,6 @@ def fresh_throttle():
     for name in ("thermostat", "asyncio"):
         for throttle in logging.getLogger(name).filters:
             throttle._windows.clear()
-
-
-def wait_until(condition, timeout=10.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def answered(client, timeout=5.0):
