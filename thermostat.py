@@ -2147,6 +2147,7 @@ class _Client:
 
     def interested(self, device, name):
         "Its requests name the devices (and vectors) whose traffic it gets, as in indiserver."
+        self.server._routes.clear()
         self.touched.add(device)
         if name is None or len(self.vectors) >= self.MAX_SETTINGS:
             self.devices.add(device)
@@ -2179,7 +2180,7 @@ class _Client:
         if self.closed or self.write_failed:
             return
         if not self.unsent:
-            self.loop.call_soon(self._write)
+            self.server._to_flush(self)
         self.unsent.append(data)
         self.unsent_bytes += len(data)
         if self.unsent_bytes > self.peak_unsent_bytes:
@@ -2193,7 +2194,10 @@ class _Client:
         "Send what waits, oldest first; if the socket is full, again when it can take more."
         while self.unsent and not self.closed:
             try:
-                sent = self.sock.sendmsg(itertools.islice(self.unsent, 256))
+                if len(self.unsent) == 1:
+                    sent = self.sock.send(self.unsent[0])
+                else:
+                    sent = self.sock.sendmsg(itertools.islice(self.unsent, 256))
             except BlockingIOError:
                 break                       # the socket is full
             except OSError:
@@ -2307,6 +2311,7 @@ class ThermoServer(IPyServer):
         self.failure = None
         self.clients = {}                           # oldest first; the values are unused
         self._client_list = ()                      # a snapshot of clients to route through
+        self._routes = {}                           # (tag, device, name) -> the clients that get it
         self._links = []
         self._local = {}                            # device name -> link of the IPyDriver serving it
         for driver in self.drivers:
@@ -2318,6 +2323,7 @@ class ThermoServer(IPyServer):
         self._accepting = []
         self._keepalive_timer = None
         self._last_traffic = 0.0
+        self._unflushed = []                        # clients with bytes queued in this turn of the loop
 
     def add_remote(self, host, port, blob_enable=False, debug_enable=False):
         "As IPyServer.add_remote, with a link that waits quietly while the remote is down."
@@ -2349,6 +2355,7 @@ class ThermoServer(IPyServer):
             name = element.get("name")
             if device is None:
                 client.all_devices = True
+                self._routes.clear()
                 await self._ask(client, element, self._links)
             elif owner := self._owner(device):
                 client.interested(device, name)
@@ -2376,6 +2383,7 @@ class ThermoServer(IPyServer):
                 client.asked = True
                 client.interested(device, name)
                 client.blobs[device if name is None else (device, name)] = setting
+                self._routes.clear()
         elif tag in DEVICE_TAGS:
             logger.warning("client %s: ignored <%s> for %s: a client may ask (getProperties, enableBLOB, "
                            "new*Vector), only a device may send this", client.address, tag,
@@ -2413,18 +2421,30 @@ class ThermoServer(IPyServer):
                 return
         if tag != "setBLOBVector":                  # a BLOB may be held up: it does not count
             self._last_traffic = self._loop.time()
-        data = serialize(element)
         asker = _asker.get()
         if asker is not None and tag.startswith("def"):
-            asker.answer(element, data)
+            asker.answer(element, serialize(element))
             return
-        for client in self._client_list:
-            if client.wants(tag, device, name):
+        clients = self._routes.get((tag, device, name))
+        if clients is None:
+            clients = self._route(tag, device, name)
+        if clients:
+            data = serialize(element)
+            for client in clients:
                 client.send(data)
         if device is not None:
             for other in self._links:
                 if other is not link and other.snoops(device, name):
                     self._hand_over(other, element)
+
+    def _route(self, tag, device, name):
+        """The clients that get an element: worked out once for every client
+        and kept until a client comes, goes or asks for something new, so
+        that an update costs each client a send, not a look at its interests."""
+        if len(self._routes) >= 1024:               # element names come from devices: keep it bounded
+            self._routes.clear()
+        clients = self._routes[tag, device, name] = [c for c in self._client_list if c.wants(tag, device, name)]
+        return clients
 
     async def _ask(self, asker, element, links):
         "Pass a getProperties to links; the definitions that answer it go to asker alone."
@@ -2458,6 +2478,18 @@ class ThermoServer(IPyServer):
             element.set("timestamp", indi_timestamp(timestamp))
             as_libindi_message(element)
         self._to_clients(element)
+
+    def _to_flush(self, client):
+        """Have client's queue written at the end of this turn of the loop: one
+        callback for every client a poll's update goes to, not one each."""
+        self._unflushed.append(client)
+        if len(self._unflushed) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self):
+        clients, self._unflushed = self._unflushed, []
+        for client in clients:
+            client._write()
 
     def _send_keepalive(self):
         # as indipyserver words it, without a level: KStars takes it as debug output, not for its log
@@ -2494,12 +2526,16 @@ class ThermoServer(IPyServer):
                             f"sent no request, and is closed to make room")
         logger.info("client %s connected", client.address)
         self.clients[client] = None
-        self._client_list = tuple(self.clients)
+        self._clients_changed()
         client.task = self._tg.create_task(client.run())
 
     def _forget(self, client):
         if self.clients.pop(client, False) is None:
-            self._client_list = tuple(self.clients)
+            self._clients_changed()
+
+    def _clients_changed(self):
+        self._client_list = tuple(self.clients)
+        self._routes.clear()
 
     def _listen(self):
         "Listening sockets on every address of host, or OSError."
