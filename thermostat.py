@@ -1180,8 +1180,10 @@ class ThermoDriver(IPyDriver):
                 await self.poll()
 
     async def woken_within(self, delay):
+        # Not asyncio.wait_for: at every poll it would start a task and cancel it.
         try:
-            await asyncio.wait_for(self.wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self.wake.wait()
             return True
         except TimeoutError:
             return False
