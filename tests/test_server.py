@@ -4,6 +4,7 @@ device, and amplification (issue 8). Each test failed on the client side
 this module had before, indipyserver's pool with guards bolted on."""
 
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -123,7 +124,15 @@ def test_a_closed_reset_or_cut_off_connection_frees_everything_at_once(in_proces
     both = [running.client(), running.client()]
     assert all(answered(client) for client in both)
     for client in both:
+        client.send(GET_ALL)
+        client.expect(tagged("setTextVector", name="chatter"))
         client.close()
+    wait_until(lambda: not server.clients, what="the closed connections to be forgotten")
+
+    def no_client_kept():                       # routes, queues, tasks: nothing holds one
+        gc.collect()
+        return not [kept for kept in gc.get_objects() if isinstance(kept, thermostat._Client)]
+    wait_until(no_client_kept, what="every closed client's last reference to go")
 
 
 # -- 2. output -------------------------------------------------------------------
@@ -144,6 +153,28 @@ def test_each_element_is_serialized_once_for_every_client(in_process, monkeypatc
     for update in updates[0]:
         assert sent.count(update.get("timestamp")) == 1
     for client in clients:
+        client.close()
+
+
+def test_a_client_that_asks_for_more_gets_it_from_then_on(in_process):
+    "Who gets an update is worked out once and kept: a new request must change it at once."
+    server = thermostat.make_server(thermostat.make_driver(poll_interval=0.01), port=free_port())
+    running = in_process(server)
+    watcher, narrow = running.client(), running.client()
+    watcher.send(GET_ALL)
+    narrow.send('<getProperties version="1.7" device="Thermostat" name="temperaturevector"/>')
+    watcher.gather(tagged("setLightVector", name="heatervector"), 3)       # heater updates are routed...
+    narrow.gather(tagged("setNumberVector", name="temperaturevector"), 20)
+    assert not [e for e in narrow.received if e.get("name") != "temperaturevector"]    # ...not to narrow
+    narrow.send('<getProperties version="1.7" device="Thermostat" name="heatervector"/>')
+    narrow.expect(tagged("defLightVector", name="heatervector"))
+    narrow.gather(tagged("setLightVector", name="heatervector"), 3)
+    assert not [e for e in narrow.received if e.get("name") not in ("temperaturevector", "heatervector")]
+    watcher.gather(tagged("setNumberVector", name="targetvector"), 2)       # its state, in the band or not
+    narrow.send('<getProperties version="1.7"/>')                           # and then everything
+    narrow.expect(tagged("defNumberVector", name="targetvector"))
+    narrow.gather(tagged("setNumberVector", name="targetvector"), 2)
+    for client in (watcher, narrow):
         client.close()
 
 
