@@ -1321,6 +1321,8 @@ class ThermoDriver(IPyDriver):
     async def publish_safety(self, safety, before):
         "SAFETY_STATUS: a light each for the sensor, the heater and the limits; the worst is its state."
         status = self.device["SAFETY_STATUS"]
+        if safety == before and status.state != "Idle":
+            return                          # as at the last poll: its lights are already out
         lights = safety.lights()
         message = ""
         if safety.limit != before.limit:
@@ -1333,6 +1335,8 @@ class ThermoDriver(IPyDriver):
             await self.publish(status, message=message, state=state)
 
     async def send_log_files(self):
+        if not self.thermostat.backlog:
+            return                          # at most polls: no file has been finished
         async with self._sending_files:     # one sender at a time keeps files in order
             # a stopping driver sends nothing: its files stay in the backlog
             while not self.stop and (logfile := self.thermostat.next_unsent()):
@@ -2199,9 +2203,13 @@ class _Client:
         definitions), the socket's own work being most of a send's cost."""
         if self.closed or self.write_failed:
             return
-        if not self.unsent:
-            self.server._to_flush(self)
-        self.unsent.append(data)
+        unsent = self.unsent
+        if not unsent:
+            unflushed = self.server._unflushed
+            if not unflushed:
+                self.loop.call_soon(self.server._flush)
+            unflushed.append(self)
+        unsent.append(data)
         self.unsent_bytes += len(data)
         if self.unsent_bytes > self.peak_unsent_bytes:
             self.peak_unsent_bytes = self.unsent_bytes
@@ -2212,30 +2220,33 @@ class _Client:
 
     def _write(self):
         "Send what waits, oldest first; if the socket is full, again when it can take more."
-        while self.unsent and not self.closed:
+        unsent, sock = self.unsent, self.sock
+        while unsent and not self.closed:
             try:
-                if len(self.unsent) == 1:
-                    sent = self.sock.send(self.unsent[0])
-                else:
-                    sent = self.sock.sendmsg(itertools.islice(self.unsent, 256))
+                # most often a single update waits: send() costs less than sendmsg()
+                sent = sock.send(unsent[0]) if len(unsent) == 1 else sock.sendmsg(itertools.islice(unsent, 256))
             except BlockingIOError:
                 break                       # the socket is full
             except OSError:
                 self._went_away()
                 return
+            if sent == self.unsent_bytes:   # all of it went, as it mostly does
+                unsent.clear()
+                self.unsent_bytes = 0
+                break
             self.unsent_bytes -= sent
             while sent:
-                if sent < len(self.unsent[0]):
-                    self.unsent[0] = memoryview(self.unsent[0])[sent:]
+                if sent < len(unsent[0]):
+                    unsent[0] = memoryview(unsent[0])[sent:]
                     break
-                sent -= len(self.unsent.popleft())
+                sent -= len(unsent.popleft())
             else:
-                continue                    # all of it went: more may wait
+                continue                    # all that was offered went: more waits
             break                           # the socket is full
-        if self.unsent and not self.writing:
+        if unsent and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._write)
-        elif not self.unsent and self.writing:
+        elif not unsent and self.writing:
             self.writing = False
             self.loop.remove_writer(self.fd)
 
@@ -2499,16 +2510,24 @@ class ThermoServer(IPyServer):
             as_libindi_message(element)
         self._to_clients(element)
 
-    def _to_flush(self, client):
-        """Have client's queue written at the end of this turn of the loop: one
-        callback for every client a poll's update goes to, not one each."""
-        self._unflushed.append(client)
-        if len(self._unflushed) == 1:
-            self._loop.call_soon(self._flush)
-
     def _flush(self):
+        """Write what was queued for clients in this turn of the loop, at its
+        end: one callback for every client an update goes to, not one each."""
         clients, self._unflushed = self._unflushed, []
         for client in clients:
+            unsent = client.unsent
+            if len(unsent) == 1 and not client.closed:     # most often a single update: sent here
+                try:
+                    sent = client.sock.send(unsent[0])
+                except OSError:
+                    sent = 0                                # _write meets it again, and deals with it
+                if sent == client.unsent_bytes:
+                    unsent.clear()
+                    client.unsent_bytes = 0
+                    continue
+                if sent:
+                    unsent[0] = memoryview(unsent[0])[sent:]
+                    client.unsent_bytes -= sent
             client._write()
 
     def _send_keepalive(self):
