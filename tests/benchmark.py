@@ -1,7 +1,7 @@
 """Benchmark: the thermostat beside libindi's C++ indi_simulator_weather, interleaved in one run.
 
-    python tests/benchmark.py                                       # about two and a half minutes
-    python tests/benchmark.py --cycles 3 --idle-seconds 10 --fan-seconds 1   # a quick look
+    python tests/benchmark.py                                       # about eight minutes
+    python tests/benchmark.py --cycles 3 --idle-seconds 10 --fan-seconds 1 --fan-repeats 1   # a quick look
 
 Three subjects, each in its own processes on a free port, all measured in the same run:
   ThermoServer                  python thermostat.py (this module's server)
@@ -26,7 +26,12 @@ client on raw sockets if there is none): it adds little to what it measures.
                (--rate): updates each client received in --fan-seconds, whether every
                client received every update (the thermostat moves 0.2 a poll, so a
                missed update shows; for the weather simulator, all counts equal), the
-               server's CPU, and its CPU per update delivered to one client.
+               server's CPU, and its CPU per update delivered to one client. Each
+               client count is run --fan-repeats times per subject, the subjects
+               interleaved (the order rotating), and the median reported with the
+               lowest and highest: on a shared or virtual machine a single run can
+               swing by tens of percent, the reference's too. CPU time is read in
+               nanoseconds (/proc/PID/task/*/schedstat) where the kernel has it.
 
 Prints the tables and writes them to --output (default benchmark-results.md). Not a
 test: nothing here asserts a time. Needs indi-bin and `pip install -e .`.
@@ -125,11 +130,21 @@ def process_tree(pid):
     return pids
 
 
+def process_cpu_seconds(pid):
+    """CPU time of a process: from its threads' schedstat, in nanoseconds, where the
+    kernel keeps it (clock ticks, the fallback, are 10 ms apart)."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        return cpu_seconds(pid)
+
+
 def tree_cpu_seconds(pid):
     total = 0.0
     for p in process_tree(pid):
         try:
-            total += cpu_seconds(p)
+            total += process_cpu_seconds(p)
         except OSError:
             pass
     return total
@@ -383,23 +398,33 @@ def run(args, chosen):
     for subject in chosen:
         subject.rows["start"] = statistics.median(starts[subject.label])
 
-    print(f"fan-out at {args.rate} updates/s, {args.fan_seconds:g} s each", flush=True)
+    print(f"fan-out at {args.rate} updates/s, {args.fan_seconds:g} s each, {args.fan_repeats} times interleaved",
+          flush=True)
     for subject in chosen:
         subject.rows["fan"] = {}
     for clients in args.clients:
+        runs = {subject.label: [] for subject in chosen}
+        for repeat in range(args.fan_repeats):
+            for subject in chosen[repeat % len(chosen):] + chosen[:repeat % len(chosen)]:
+                port = free_port()
+                extra = ["--poll-interval", f"{1 / args.rate:g}"] if subject.label == "ThermoServer" else []
+                process = subject.start(port, *extra)
+                try:
+                    wait_for_port(port)
+                    result = fan_out(subject, port, process, clients, args.fan_seconds)
+                finally:
+                    stop(process)
+                runs[subject.label].append(result)
+                print(f"  {subject.label}, {clients} clients: {result[0]:.1f} updates/s each, "
+                      f"{'every update to every client' if result[1] else 'UPDATES MISSED'}, "
+                      f"CPU {result[2]:.2f}%, {result[3]:.1f} us per update delivered", flush=True)
         for subject in chosen:
-            port = free_port()
-            extra = ["--poll-interval", f"{1 / args.rate:g}"] if subject.label == "ThermoServer" else []
-            process = subject.start(port, *extra)
-            try:
-                wait_for_port(port)
-                result = fan_out(subject, port, process, clients, args.fan_seconds)
-            finally:
-                stop(process)
-            subject.rows["fan"][clients] = result
-            print(f"  {subject.label}, {clients} clients: {result[0]:.1f} updates/s each, "
-                  f"{'every update to every client' if result[1] else 'UPDATES MISSED'}, "
-                  f"CPU {result[2]:.1f}%, {result[3]:.1f} us per update delivered", flush=True)
+            results = runs[subject.label]
+            cpus = [cpu for _, _, cpu, _ in results]
+            subject.rows["fan"][clients] = dict(
+                rate=statistics.median(rate for rate, _, _, _ in results), every=all(e for _, e, _, _ in results),
+                cpu=statistics.median(cpus), low=min(cpus), high=max(cpus),
+                cost=statistics.median(cost for _, _, _, cost in results))
 
 
 # -- report --------------------------------------------------------------------------
@@ -429,7 +454,7 @@ def report(chosen, args):
     client_kind = "C client" if CLIENT[0].endswith("indiclient") else "Python client (no C compiler)"
     lines = [f"Benchmark of {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, `python tests/benchmark.py "
              f"--cycles {args.cycles} --requests {args.requests} --idle-seconds {args.idle_seconds:g} "
-             f"--fan-seconds {args.fan_seconds:g}`, {client_kind},",
+             f"--fan-seconds {args.fan_seconds:g} --fan-repeats {args.fan_repeats}`, {client_kind},",
              f"on {machine()}.", "",
              f"Ratios are to libindi's C++ indi_simulator_weather under indiserver: for round trips, "
              f"the median of the {args.cycles} cycles' ratios of p50, with the lowest and highest.", "",
@@ -441,15 +466,19 @@ def report(chosen, args):
         lines.append(f"| {subject.label} | {ms(row['p50'])} | {ms(row['p99'])} | {ratio} "
                      f"| {ms(row['start'])} ({row['start'] / reference['start']:.1f}x) "
                      f"| {row['cpu']:.3f}% ({row['cpu_s']:.2f} s) | {row['rss']:.1f} MiB |")
-    lines += ["", f"Fan-out: clients of one vector at {args.rate} updates/s, {args.fan_seconds:g} s each; "
-              "server CPU (server and driver processes), and that CPU per update delivered to one client.", "",
-              "| subject | clients | updates/s each | every update to every client | server CPU | per update delivered |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", f"Fan-out: clients of one vector at {args.rate} updates/s, {args.fan_seconds:g} s a run, "
+              f"{args.fan_repeats} runs a subject, interleaved; server CPU (server and driver processes): "
+              "the median of the runs with the lowest and highest, its ratio to the reference's median, "
+              "and that CPU per update delivered to one client (median).", "",
+              "| subject | clients | updates/s each | every update to every client | server CPU (runs) | ratio "
+              "| per update delivered |",
+              "|---|---|---|---|---|---|---|"]
     for clients in args.clients:
         for subject in chosen:
-            rate, every, cpu, cost = subject.rows["fan"][clients]
-            lines.append(f"| {subject.label} | {clients} | {rate:.1f} | {'yes' if every else 'NO'} | {cpu:.1f}% "
-                         f"| {cost:.1f} us |")
+            fan, ref = subject.rows["fan"][clients], reference["fan"][clients]
+            lines.append(f"| {subject.label} | {clients} | {fan['rate']:.1f} | {'yes' if fan['every'] else 'NO'} "
+                         f"| {fan['cpu']:.2f}% ({fan['low']:.2f}-{fan['high']:.2f}) | {fan['cpu'] / ref['cpu']:.2f}x "
+                         f"| {fan['cost']:.1f} us |")
     return "\n".join(lines) + "\n"
 
 
@@ -464,7 +493,10 @@ def main():
     parser.add_argument("--requests", type=int, default=400, help="round trips per subject per cycle (default 400)")
     parser.add_argument("--startups", type=int, default=5, help="start-ups per subject (default 5)")
     parser.add_argument("--idle-seconds", type=float, default=30, help="idle measurement (default 30)")
-    parser.add_argument("--fan-seconds", type=float, default=10, help="each fan-out measurement (default 10)")
+    parser.add_argument("--fan-seconds", type=float, default=5, help="each fan-out run (default 5)")
+    parser.add_argument("--fan-repeats", type=int, default=5,
+                        help="fan-out runs per subject and client count, interleaved; the median is reported "
+                             "(default 5)")
     parser.add_argument("--rate", type=int, default=100, help="fan-out updates per second (default 100)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 10, 100],
                         help="fan-out client counts (default 1 10 100)")
