@@ -2234,21 +2234,26 @@ class _Client:
                 unsent.clear()
                 self.unsent_bytes = 0
                 break
-            self.unsent_bytes -= sent
-            while sent:
-                if sent < len(unsent[0]):
-                    unsent[0] = memoryview(unsent[0])[sent:]
-                    break
-                sent -= len(unsent.popleft())
-            else:
-                continue                    # all that was offered went: more waits
-            break                           # the socket is full
+            if not self._drop_sent(sent):
+                break                       # the socket is full
         if unsent and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._write)
         elif not unsent and self.writing:
             self.writing = False
             self.loop.remove_writer(self.fd)
+
+    def _drop_sent(self, sent):
+        """Take sent bytes off the front of the queue; False if they ended
+        within a chunk (the socket took less than it was offered)."""
+        self.unsent_bytes -= sent
+        unsent = self.unsent
+        while sent:
+            if sent < len(unsent[0]):
+                unsent[0] = memoryview(unsent[0])[sent:]
+                return False
+            sent -= len(unsent.popleft())
+        return True
 
     def say_last(self, text):
         "A last message from the server, written at once, then the connection is closed."
@@ -2525,9 +2530,7 @@ class ThermoServer(IPyServer):
                     unsent.clear()
                     client.unsent_bytes = 0
                     continue
-                if sent:
-                    unsent[0] = memoryview(unsent[0])[sent:]
-                    client.unsent_bytes -= sent
+                client._drop_sent(sent)
             client._write()
 
     def _send_keepalive(self):
