@@ -2171,6 +2171,8 @@ class _Client:
 
     def interested(self, device, name):
         "Its requests name the devices (and vectors) whose traffic it gets, as in indiserver."
+        if device in self.touched and (device in self.devices or (device, name) in self.vectors):
+            return                          # nothing new (a client setting a value again and again)
         self.server._routes.clear()
         self.touched.add(device)
         if name is None or len(self.vectors) >= self.MAX_SETTINGS:
