@@ -854,8 +854,8 @@ class ThermoDriver(IPyDriver):
         self.connected = True               # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
-        self.wake = asyncio.Event()         # ends a wait of the control loop: shutdown, new poll interval
-        self._sleep = None                  # the control loop's wait for its next poll
+        self.wake = asyncio.Event()         # ends the wait for a slow sensor's reading (wake_up sets it)
+        self._sleep = None                  # the control loop's wait for its next poll (see wake_up)
         self._sending_files = asyncio.Lock()
 
     def shutdown(self):
@@ -1176,7 +1176,6 @@ class ThermoDriver(IPyDriver):
         loop = asyncio.get_running_loop()
         last_poll = loop.time()
         while not self.stop:
-            self.wake.clear()
             delay = last_poll + self.poll_interval - loop.time()
             if delay > 0 and await self.woken_within(delay):
                 continue                    # shutdown, or a new poll interval: plan again
