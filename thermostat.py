@@ -2140,6 +2140,19 @@ class _DeviceLink:
         return f"driver {getattr(source, 'program', None) or ', '.join(source) or type(source).__name__}"
 
 
+_socket_send = socket.socket.send
+
+
+class _Route:
+    "The clients an element goes to, and their sockets (for ThermoServer._flush)."
+
+    __slots__ = ("clients", "socks")
+
+    def __init__(self, clients):
+        self.clients = clients
+        self.socks = [client.sock for client in clients]
+
+
 class _Client:
     """One client connection: what it asked for, its BLOB settings, and the
     bytes waiting for it. An element for several clients is serialized once
@@ -2167,6 +2180,7 @@ class _Client:
         self.write_failed = False           # it went away: read what it sent before, then close
         self.waiting = False                # for input: its task may be cancelled
         self.task = None
+        self.route = _Route((self,))        # to this client alone
 
     def interested(self, device, name):
         "Its requests name the devices (and vectors) whose traffic it gets, as in indiserver."
@@ -2199,18 +2213,14 @@ class _Client:
             self.send(data)
 
     def send(self, data):
-        """Queue data; what is queued in one turn of the event loop goes out
-        at its end in one system call (a poll's updates, a getProperties'
-        definitions), the socket's own work being most of a send's cost."""
-        if self.closed or self.write_failed:
-            return
-        unsent = self.unsent
-        if not unsent:
-            unflushed = self.server._unflushed
-            if not unflushed:
-                self.loop.call_soon(self.server._flush)
-            unflushed.append(self)
-        unsent.append(data)
+        "Data for this client alone: it goes out with the rest of this turn's output (ThermoServer._flush)."
+        self.server._deliver(self.route, data)
+
+    def _enqueue(self, data):
+        "Queue data behind what waits; a client that leaves too much unread is disconnected."
+        if not self.unsent:
+            self.server._stalled.add(self)
+        self.unsent.append(data)
         self.unsent_bytes += len(data)
         if self.unsent_bytes > self.peak_unsent_bytes:
             self.peak_unsent_bytes = self.unsent_bytes
@@ -2218,6 +2228,14 @@ class _Client:
                 logger.warning("client %s: disconnected, it has not read its last %d bytes (--max-unread %d)",
                                self.address, self.unsent_bytes, self.server.max_unread)
                 self.close()
+
+    def _send_later(self, data):
+        "Data that cannot go out at once, for a socket that is full or has bytes waiting before it."
+        if self.closed or self.write_failed:
+            return
+        self._enqueue(data)
+        if not self.writing:
+            self._write()
 
     def _write(self):
         "Send what waits, oldest first; if the socket is full, again when it can take more."
@@ -2240,9 +2258,12 @@ class _Client:
         if unsent and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._write)
-        elif not unsent and self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.fd)
+        elif not unsent:
+            if self.writing:
+                self.writing = False
+                self.loop.remove_writer(self.fd)
+            if not self.write_failed:
+                self.server._stalled.discard(self)
 
     def _drop_sent(self, sent):
         """Take sent bytes off the front of the queue; False if they ended
@@ -2258,7 +2279,7 @@ class _Client:
 
     def say_last(self, text):
         "A last message from the server, written at once, then the connection is closed."
-        self.send(serialize(server_message(text)))
+        self._enqueue(serialize(server_message(text)))
         self._write()
         self.close()
 
@@ -2268,6 +2289,7 @@ class _Client:
         closes at once): they are still to be read, and then its input ends."""
         self.write_failed = True
         self._forget_unsent()
+        self.server._stalled.add(self)          # until it is closed: nothing more is written to it
 
     def _forget_unsent(self):
         if self.writing:
@@ -2281,6 +2303,7 @@ class _Client:
             return
         self.closed = True
         self._forget_unsent()
+        self.server._stalled.discard(self)
         self.server._forget(self)
         if self.waiting and self.task is not None:
             self.task.cancel()              # else it is handling a request, and ends after it
@@ -2348,6 +2371,7 @@ class ThermoServer(IPyServer):
         self.failure = None
         self.clients = {}                           # oldest first; the values are unused
         self._client_list = ()                      # a snapshot of clients to route through
+        self._everyone = _Route(())                 # and the route to all of them
         self._routes = {}                           # (tag, device, name) -> the clients that get it
         self._links = []
         self._local = {}                            # device name -> link of the IPyDriver serving it
@@ -2360,7 +2384,8 @@ class ThermoServer(IPyServer):
         self._accepting = []
         self._keepalive_timer = None
         self._last_traffic = 0.0
-        self._unflushed = []                        # clients with bytes queued in this turn of the loop
+        self._turn = []                             # (route, bytes) to write at the end of this turn
+        self._stalled = set()                       # clients with bytes waiting, or gone
 
     def add_remote(self, host, port, blob_enable=False, debug_enable=False):
         "As IPyServer.add_remote, with a link that waits quietly while the remote is down."
@@ -2462,13 +2487,11 @@ class ThermoServer(IPyServer):
         if asker is not None and tag.startswith("def"):
             asker.answer(element, serialize(element))
             return
-        clients = self._routes.get((tag, device, name))
-        if clients is None:
-            clients = self._route(tag, device, name)
-        if clients:
-            data = serialize(element)
-            for client in clients:
-                client.send(data)
+        route = self._routes.get((tag, device, name))
+        if route is None:
+            route = self._route(tag, device, name)
+        if route.clients:
+            self._deliver(route, serialize(element))
         if device is not None:
             for other in self._links:
                 if other is not link and other.snoops(device, name):
@@ -2480,8 +2503,8 @@ class ThermoServer(IPyServer):
         that an update costs each client a send, not a look at its interests."""
         if len(self._routes) >= 1024:               # element names come from devices: keep it bounded
             self._routes.clear()
-        clients = self._routes[tag, device, name] = [c for c in self._client_list if c.wants(tag, device, name)]
-        return clients
+        route = self._routes[tag, device, name] = _Route([c for c in self._client_list if c.wants(tag, device, name)])
+        return route
 
     async def _ask(self, asker, element, links):
         "Pass a getProperties to links; the definitions that answer it go to asker alone."
@@ -2504,9 +2527,7 @@ class ThermoServer(IPyServer):
             self._tg.create_task(self._pass(link, element))
 
     def _to_clients(self, element):
-        data = serialize(element)
-        for client in self._client_list:
-            client.send(data)
+        self._deliver(self._everyone, serialize(element))
 
     async def send_message(self, message, timestamp=None):
         "A message from the server to every client (IPyServer.send_message, routed here)."
@@ -2516,22 +2537,56 @@ class ThermoServer(IPyServer):
             as_libindi_message(element)
         self._to_clients(element)
 
+    def _deliver(self, route, data):
+        "Data for a route's clients, written at the end of this turn of the event loop (_flush)."
+        if not self._turn:
+            self._loop.call_soon(self._flush)
+        self._turn.append((route, data))
+
     def _flush(self):
-        """Write what was queued for clients in this turn of the loop, at its
-        end: one callback for every client an update goes to, not one each."""
-        clients, self._unflushed = self._unflushed, []
-        for client in clients:
-            unsent = client.unsent
-            if len(unsent) == 1 and not client.closed:     # most often a single update: sent here
+        """Write this turn's output: one callback for all clients, and one
+        system call per client, whatever the turn held for it (a poll's
+        updates, a getProperties' definitions). Most often the turn holds a
+        single update and no client has bytes waiting: then the route's
+        sockets are sent it in one pass in C (map), a Python loop per client
+        being most of a fan-out's cost in this process (the socket's own
+        work, in the kernel, is the rest)."""
+        turn, self._turn = self._turn, []
+        if len(turn) == 1:
+            route, data = turn[0]
+            clients, start = route.clients, 0
+            if not self._stalled:
+                sent = []
                 try:
-                    sent = client.sock.send(unsent[0])
+                    sent.extend(map(_socket_send, route.socks, itertools.repeat(data)))
                 except OSError:
-                    sent = 0                                # _write meets it again, and deals with it
-                if sent == client.unsent_bytes:
-                    unsent.clear()
-                    client.unsent_bytes = 0
+                    pass                    # a full socket, or a client gone: it is dealt with below
+                start, size = len(sent), len(data)
+                if sent.count(size) != start:
+                    for client, taken in zip(clients, sent):
+                        if taken != size:
+                            client._send_later(memoryview(data)[taken:])
+            for client in itertools.islice(clients, start, None):
+                if client.unsent or client.closed or client.write_failed:
+                    client._send_later(data)
                     continue
-                client._drop_sent(sent)
+                try:
+                    taken = client.sock.send(data)
+                except BlockingIOError:
+                    taken = 0
+                except OSError:
+                    client._went_away()
+                    continue
+                if taken != len(data):
+                    client._send_later(memoryview(data)[taken:])
+            return
+        waiting = {}
+        for route, data in turn:
+            for client in route.clients:
+                if not (client.closed or client.write_failed):
+                    client._enqueue(data)
+                    waiting[client] = None
+        for client in waiting:
             client._write()
 
     def _send_keepalive(self):
@@ -2578,6 +2633,7 @@ class ThermoServer(IPyServer):
 
     def _clients_changed(self):
         self._client_list = tuple(self.clients)
+        self._everyone = _Route(self._client_list)
         self._routes.clear()
 
     def _listen(self):

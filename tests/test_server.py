@@ -156,6 +156,45 @@ def test_each_element_is_serialized_once_for_every_client(in_process, monkeypatc
         client.close()
 
 
+def test_an_update_reaches_every_client_whatever_the_one_before_it_did():
+    """The fan-out sends to a route's sockets in one pass; a client whose
+    socket is full, or who went away, part way through must not cost the
+    clients after it their update, nor give the ones before it theirs twice."""
+    async def fan_out():
+        server = thermostat.make_server(port=free_port())
+        server._loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(5)]
+        for ours, theirs in pairs:
+            ours.setblocking(False)
+            theirs.settimeout(2)        # an update that does not come fails the test
+        full, gone = pairs[1], pairs[3]
+        while True:                     # a client that stopped reading: its socket takes nothing more
+            try:
+                full[0].send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        gone[1].close()                 # a client that went away
+        for ours, _ in pairs:
+            client = thermostat._Client(server, ours, "test")
+            server.clients[client] = None
+        server._clients_changed()
+        clients = list(server.clients)
+        update = b"<setNumberVector device='Thermostat' name='temperaturevector'/>"
+        for _ in range(2):              # as no client had anything waiting, then as some have
+            server._deliver(server._everyone, update)
+            server._flush()
+        for index in (0, 2, 4):
+            assert pairs[index][1].recv(1000) == update * 2
+        assert clients[1].unsent_bytes == 2 * len(update) and clients[1].writing
+        assert clients[3].write_failed and not clients[3].unsent
+        for client in clients:
+            client.close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+    asyncio.run(fan_out())
+
+
 def test_a_client_that_asks_for_more_gets_it_from_then_on(in_process):
     "Who gets an update is worked out once and kept: a new request must change it at once."
     server = thermostat.make_server(thermostat.make_driver(poll_interval=0.01), port=free_port())
