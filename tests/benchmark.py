@@ -31,7 +31,11 @@ client on raw sockets if there is none): it adds little to what it measures.
                interleaved (the order rotating), and the median reported with the
                lowest and highest: on a shared or virtual machine a single run can
                swing by tens of percent, the reference's too. CPU time is read in
-               nanoseconds (/proc/PID/task/*/schedstat) where the kernel has it.
+               nanoseconds (/proc/PID/task/*/schedstat) where the kernel has it;
+  wake-ups     the floor under every poll: the CPU of a process that only wakes --rate
+               times a second, in Python on the event loop thermostat.py runs (uvloop
+               where installed) and in C (the C client's tick mode), --fan-repeats
+               times each, interleaved, the median reported.
 
 Prints the tables and writes them to --output (default benchmark-results.md). Not a
 test: nothing here asserts a time. Needs indi-bin and `pip install -e .`.
@@ -427,6 +431,45 @@ def run(args, chosen):
                 cost=statistics.median(cost for _, _, _, cost in results))
 
 
+PYTHON_WAKER = f"""
+import asyncio, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import thermostat
+async def wake(rate, seconds):
+    loop = asyncio.get_running_loop()
+    next_wake = loop.time()
+    for _ in range(int(rate * seconds)):
+        next_wake += 1 / rate
+        await asyncio.sleep(next_wake - loop.time())
+thermostat.run(wake(float(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+def wake_ups(command, seconds, warm_up=1.0):
+    "CPU share of a process that only wakes up, measured after warm_up seconds (its start)."
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(warm_up)
+        before, started = process_cpu_seconds(process.pid), time.monotonic()
+        time.sleep(seconds)
+        return (process_cpu_seconds(process.pid) - before) / (time.monotonic() - started) * 100
+    finally:
+        stop(process)
+
+
+def run_wake_ups(args):
+    wakers = {"Python (thermostat.py's event loop)": [sys.executable, "-c", PYTHON_WAKER]}
+    if CLIENT[0].endswith("indiclient"):
+        wakers["C (clock_nanosleep)"] = [CLIENT[0], "tick"]
+    print(f"wake-ups at {args.rate}/s, {args.fan_repeats} times interleaved", flush=True)
+    runs = {label: [] for label in wakers}
+    for repeat in range(args.fan_repeats):
+        for label, command in wakers.items():
+            runs[label].append(wake_ups([*command, str(args.rate), str(args.fan_seconds + 3)], args.fan_seconds))
+            print(f"  {label}: CPU {runs[label][-1]:.2f}%", flush=True)
+    return {label: statistics.median(cpus) for label, cpus in runs.items()}
+
+
 # -- report --------------------------------------------------------------------------
 
 def machine():
@@ -479,6 +522,11 @@ def report(chosen, args):
             lines.append(f"| {subject.label} | {clients} | {fan['rate']:.1f} | {'yes' if fan['every'] else 'NO'} "
                          f"| {fan['cpu']:.2f}% ({fan['low']:.2f}-{fan['high']:.2f}) | {fan['cpu'] / ref['cpu']:.2f}x "
                          f"| {fan['cost']:.1f} us |")
+    lines += ["", f"Wake-ups: a process that only wakes {args.rate} times a second, the floor under a poll "
+              f"(median of {args.fan_repeats} runs of {args.fan_seconds:g} s, interleaved).", "",
+              "| process | CPU | per wake-up |", "|---|---|---|"]
+    for label, cpu in args.wake_ups.items():
+        lines.append(f"| {label} | {cpu:.2f}% | {cpu / 100 / args.rate * 1e6:.1f} us |")
     return "\n".join(lines) + "\n"
 
 
@@ -508,6 +556,7 @@ def main():
     os.environ["INDICONFIG"] = os.path.join(tempfile.mkdtemp(prefix="benchmark-"), "indi_config.xml")
     chosen = subjects(args.rate)
     run(args, chosen)
+    args.wake_ups = run_wake_ups(args)
     table = report(chosen, args)
     print()
     print(table)

@@ -3,6 +3,9 @@
                  prints one round trip in nanoseconds per line
    fan-out:      indiclient fan PORT ASK SETUP DEVICE VECTOR CLIENTS WARMUP_S SECONDS
                  prints "counting", then "done", then per client: updates, steps other than 0.2
+   wake-ups:     indiclient tick RATE SECONDS
+                 only wakes RATE times a second on a fixed schedule, for SECONDS: the least a
+                 process polling at RATE costs on this machine
    SETUP, if not empty, is sent once the device has defined CONNECTION (ASK must ask for it). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -180,9 +183,23 @@ static int fan_out(char **argv) {
     return 0;
 }
 
+static int tick(char **argv) {
+    double rate = atof(argv[2]), seconds = atof(argv[3]);
+    struct timespec next;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    long step = (long)(1e9 / rate);
+    for (long i = 0; i < (long)(rate * seconds); i++) {
+        next.tv_nsec += step;
+        while (next.tv_nsec >= 1000000000L) { next.tv_nsec -= 1000000000L; next.tv_sec++; }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 14 && !strcmp(argv[1], "rtt")) return round_trips(argv);
     if (argc == 10 && !strcmp(argv[1], "fan")) return fan_out(argv);
+    if (argc == 4 && !strcmp(argv[1], "tick")) return tick(argv);
     fprintf(stderr, "usage: see the comment at the top\n");
     return 2;
 }
