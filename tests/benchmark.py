@@ -1,6 +1,6 @@
 """Benchmark: the thermostat beside libindi's C++ indi_simulator_weather, interleaved in one run.
 
-    python tests/benchmark.py                                       # about eight minutes
+    python tests/benchmark.py                                       # about seven minutes
     python tests/benchmark.py --cycles 3 --idle-seconds 10 --fan-seconds 1 --fan-repeats 1   # a quick look
 
 Three subjects, each in its own processes on a free port, all measured in the same run:
