@@ -537,8 +537,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--cycles", type=int, default=5, help="round-trip cycles (default 5)")
-    parser.add_argument("--requests", type=int, default=400, help="round trips per subject per cycle (default 400)")
+    parser.add_argument("--cycles", type=int, default=15,
+                        help="round-trip cycles (default 15: on a virtual machine one cycle's ratio can swing "
+                             "from a third to one and a quarter)")
+    parser.add_argument("--requests", type=int, default=200, help="round trips per subject per cycle (default 200)")
     parser.add_argument("--startups", type=int, default=5, help="start-ups per subject (default 5)")
     parser.add_argument("--idle-seconds", type=float, default=30, help="idle measurement (default 30)")
     parser.add_argument("--fan-seconds", type=float, default=5, help="each fan-out run (default 5)")
