@@ -2372,7 +2372,7 @@ class ThermoServer(IPyServer):
         self.clients = {}                           # oldest first; the values are unused
         self._client_list = ()                      # a snapshot of clients to route through
         self._everyone = _Route(())                 # and the route to all of them
-        self._routes = {}                           # (tag, device, name) -> the clients that get it
+        self._routes = {}                           # (tag, device, name) -> _Route to the clients that get it
         self._links = []
         self._local = {}                            # device name -> link of the IPyDriver serving it
         for driver in self.drivers:
