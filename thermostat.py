@@ -2229,8 +2229,8 @@ class _Client:
                                self.address, self.unsent_bytes, self.server.max_unread)
                 self.close()
 
-    def _send_later(self, data):
-        "Data that cannot go out at once, for a socket that is full or has bytes waiting before it."
+    def _queue_and_write(self, data):
+        "Data behind whatever waits for this client, written as far as its socket takes it now."
         if self.closed or self.write_failed:
             return
         self._enqueue(data)
@@ -2550,7 +2550,8 @@ class ThermoServer(IPyServer):
         single update and no client has bytes waiting: then the route's
         sockets are sent it in one pass in C (map), a Python loop per client
         being most of a fan-out's cost in this process (the socket's own
-        work, in the kernel, is the rest)."""
+        work, in the kernel, is the rest). Otherwise each client is written
+        through its own queue (_write)."""
         turn, self._turn = self._turn, []
         if len(turn) == 1:
             route, data = turn[0]
@@ -2565,20 +2566,9 @@ class ThermoServer(IPyServer):
                 if sent.count(size) != start:
                     for client, taken in zip(clients, sent):
                         if taken != size:
-                            client._send_later(memoryview(data)[taken:])
+                            client._queue_and_write(memoryview(data)[taken:])
             for client in itertools.islice(clients, start, None):
-                if client.unsent or client.closed or client.write_failed:
-                    client._send_later(data)
-                    continue
-                try:
-                    taken = client.sock.send(data)
-                except BlockingIOError:
-                    taken = 0
-                except OSError:
-                    client._went_away()
-                    continue
-                if taken != len(data):
-                    client._send_later(memoryview(data)[taken:])
+                client._queue_and_write(data)
             return
         waiting = {}
         for route, data in turn:
