@@ -105,25 +105,25 @@ _INDI_NUMBER = re.compile(      # decimal, or sexagesimal with one kind of separ
 def parse_number(text, what, low, high):
     """Return text as a float within low..high, in any INDI number format
     (decimal, "21:30", "21;30", "21 30"), or raise ValueError saying what is wrong."""
-    expected = f"{what} must be a number from {low:g} to {high:g}; received {text!r}"
+    def expected(problem=""):
+        return ValueError(f"{what} must be a number from {low:g} to {high:g}; received {text!r}{problem}")
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
         match = _INDI_NUMBER.fullmatch(text.strip()) if isinstance(text, str) else None
         if match is None:
-            raise ValueError(f"{expected}, which is not a number (decimal, or sexagesimal "
-                             f"as 21:30, 21;30 or 21 30)")
+            raise expected(", which is not a number (decimal, or sexagesimal as 21:30, 21;30 or 21 30)")
         if match["decimal"]:
             value = float(match["decimal"])
         else:
             minutes, seconds = float(match["minutes"]), float(match["seconds"] or 0)
             if minutes >= 60 or seconds >= 60:
-                raise ValueError(f"{expected}: minutes and seconds must be below 60")
+                raise expected(": minutes and seconds must be below 60")
             value = float(match["degrees"]) + minutes / 60 + seconds / 3600
         if match["sign"] == "-":
             value = -value
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(expected)
+        raise expected()
     return value
 
 
