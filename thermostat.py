@@ -2042,24 +2042,17 @@ class _IndiStream:
         return b""
 
     def _tag_too_long(self, data):
-        "Follow tags across feeds: True if one has not ended within MAX_TAG_BYTES."
-        if self._open_tag is None:
-            text, position = data, data.find(b"<")
-        else:
-            text, position = self._open_tag + data, 0
+        """Follow tags across feeds: True if one has not ended within MAX_TAG_BYTES.
+        A tag holds no "<" (expat rejects one in an attribute value), so only
+        the tag started at the last "<" can still be open at the end."""
+        text = data if self._open_tag is None else self._open_tag + data
         self._open_tag = None
-        while position >= 0:
-            tag = _TAG.match(text, position)
-            if tag is not None:
-                position = text.find(b"<", tag.end())
-                continue
-            following = text.find(b"<", position + 1)
-            if following < 0:                       # a tag still open at the end of data
-                if len(text) - position > self.MAX_TAG_BYTES:
-                    return True
-                self._open_tag = text[position:]
-                return False
-            position = following                    # malformed: expat will say so
+        position = text.rfind(b"<")
+        if position < 0 or _TAG.match(text, position):
+            return False
+        if len(text) - position > self.MAX_TAG_BYTES:
+            return True
+        self._open_tag = text[position:]
         return False
 
     def _beyond_bounds(self, element):
