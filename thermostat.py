@@ -872,14 +872,17 @@ class ThermoDriver(IPyDriver):
 
     async def _readdata(self, root):
         # Everything from the server comes in here. indipydriver drops requests it cannot use
-        # without a reply, or raises on some: see answer_unusable_request in the adaptations.
+        # without a reply, or raises on some: see request_event in the adaptations.
         try:
             if root.tag in DEVICE_TAGS and root.get("device") in self:
                 # libindi's indiserver passes on what clients send; indipydriver would take a
                 # definition of our own device as a duplicate and end the driver
                 logger.warning("%s: ignored <%s> for this device from outside: only this driver "
                                "speaks for it", root.get("device"), root.tag)
-            elif not await answer_unusable_request(self, root):
+            elif root.tag in self._client_tags and root.get("device") in self:
+                if (event := await request_event(self, root)) is not None:
+                    await self.rxevent(event)
+            else:
                 await super()._readdata(root)
         except Exception:
             # An exception must not reach indipyserver, whose TaskGroup would end the whole server.
@@ -2759,32 +2762,40 @@ async def send_blob(vector, membername, content):
     await vector.send_setVectorMembers(members=[membername])
 
 
-async def answer_unusable_request(driver, root):
-    """indipydriver 3.1.2 drops a request it cannot use (unknown vector or
+async def request_event(driver, root):
+    """The event for a client's new*Vector to one of driver's devices, or
+    None once it has been answered here as unusable. indipydriver 3.1.2
+    drops a request it cannot use (unknown or disabled vector, unknown
     member, switch value other than On/Off, empty number) with no answer to
     the client, passes new values for read-only vectors on as events, and
     raises UnboundLocalError on a new*Vector whose type is not the vector's
-    (which ends indipyserver 0.0.6 and every driver in it). Answer such a
-    request for driver's devices here; return True if it was answered."""
-    if root.tag not in driver._client_tags or root.get("device") not in driver:
-        return False
+    (which ends indipyserver 0.0.6 and every driver in it). The event is
+    handed to rxevent as IPyDriver._readdata would, with its RX debug log,
+    rather than built a second time there (a tenth of a request's work)."""
     device, name = driver[root.get("device")], root.get("name")
+    if driver.stop or not device.enable:
+        return None                     # as indipydriver: a stopping or disabled device takes nothing
     vector = device.get(name)
-    if vector is None:
+    if vector is None or not vector.enable:
         await driver.refuse(name, f"no such property on device {device.devicename}")
-        return True
+        return None
     if vector.perm == "ro":
         await driver.refuse(name, "is read-only; the request was ignored")
-        return True
+        return None
     if root.tag != f"new{vector.vectortype}":
         await driver.reject(vector, f"{name} is a {vector.vectortype}: {root.tag} does not apply to it")
-        return True
+        return None
     try:
-        getattr(indipydriver.events, root.tag)(device.devicename, name, vector, root)
+        event = getattr(indipydriver.events, root.tag)(device.devicename, name, vector, root)
     except indipydriver.events.EventException as exc:
         await driver.reject(vector, f"request rejected: {exc}")
-        return True
-    return False
+        return None
+    if _indipydriver_logger.isEnabledFor(logging.DEBUG) and driver.debug_enable:
+        _indipydriver_logger.debug("RX:: %s", ET.tostring(root).decode())
+    return event
+
+
+_indipydriver_logger = logging.getLogger(IPyDriver.__module__)
 
 
 async def _no_snoop_monitor(driver):
