@@ -281,6 +281,42 @@ def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path
     assert "log backlog full" not in server.stderr_text()
 
 
+class Slow(IPyDriver):
+    "A device that takes 0.3 s to answer a request: its client's input waits meanwhile."
+
+    def __init__(self):
+        super().__init__(Device("Slow", [TextVector("slow", "Slow", "Main", "rw", "Ok", [
+            TextMember("text", "Text", membervalue="")])]))
+
+    async def rxevent(self, event):
+        await asyncio.sleep(0.3)
+        event.vector["text"] = event["text"]
+        await event.vector.send_setVector(state="Ok")
+
+
+def test_input_waiting_while_its_client_is_busy_neither_spins_the_server_nor_is_lost(in_process, monkeypatch):
+    """A client's socket stays watched between requests; while its task is
+    busy, the event loop must stop watching it, or level-triggered input
+    that nobody reads wakes the loop at once, again and again."""
+    calls = []
+    original = thermostat._Client._on_input
+    monkeypatch.setattr(thermostat._Client, "_on_input", lambda client: calls.append(1) or original(client))
+    running = in_process(thermostat.make_server(Slow(), port=free_port()))
+    client = running.client()
+    client.send('<getProperties version="1.7" device="Slow"/>')
+    client.expect(tagged("defTextVector", name="slow"))
+    request = '<newTextVector device="Slow" name="slow"><oneText name="text">%s</oneText></newTextVector>'
+    client.send(request % "first")
+    time.sleep(0.05)                    # the first is being handled when the second arrives
+    calls.clear()
+    client.send(request % "second")
+    answers = [client.expect(tagged("setTextVector", name="slow"), timeout=3)[0].text.strip() for _ in range(2)]
+    assert answers == ["first", "second"]
+    print(f"input callbacks while busy: {len(calls)}")
+    assert len(calls) < 10
+    client.close()
+
+
 # -- 4. parser bounds --------------------------------------------------------------
 
 ATTACKS = {
