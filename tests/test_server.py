@@ -373,7 +373,8 @@ SPOOFS = [
 
 
 def spoofed(element):
-    return ("77" in (element.get("message") or "") or element.get("device") in ("Heater2", "Telescope")
+    message = element.get("message") or ""     # (not "77": a port in a message may hold it)
+    return ("evacuate" in message or "spoofed" in message or element.get("device") in ("Heater2", "Telescope")
             or element.tag == "delProperty" or element.get("name") == "spoofed"
             or any((member.text or "").strip() in ("77", "150") for member in element))
 
