@@ -377,6 +377,7 @@ def test_debug_turns_this_devices_debug_logging_on_and_off(started, indi_config)
 
     client.send(new_switch("Thermostat", "DEBUG", "DISABLE", "On"))
     assert member(reply_to(client, "DEBUG"), "ENABLE") == "Off"
+    assert "RX:: <newSwitchVector" in server.stderr_text()     # the request, received while debugging
     assert client.expect(tagged("message", device="Thermostat")).get("message") == "[INFO] Debug is disabled."
     quiet_from = len(server.stderr_text())
     client.gather(tagged("setNumberVector", name="temperaturevector"), 3)
