@@ -2346,7 +2346,7 @@ class _Client:
                 try:
                     data = self.sock.recv(READ_SIZE)
                 except BlockingIOError:
-                    continue
+                    continue                        # asyncio's own loop reports input once more after it was read
                 if not data:
                     break
                 for count, element in enumerate(stream.feed(data), 1):
