@@ -2174,10 +2174,9 @@ class _Client:
         self.writing = False                # waiting for the socket to take more
         self.closed = False
         self.write_failed = False           # it went away: read what it sent before, then close
-        self.waiting = False                # for input: its task may be cancelled
         self.task = None
         self.watched = False                # the event loop watches its socket for input
-        self._readable = None               # the future that input resolves, while waiting
+        self._readable = None               # while its task waits for input (and may be cancelled)
         self.route = _Route((self,))        # to this client alone
 
     def interested(self, device, name):
@@ -2304,7 +2303,7 @@ class _Client:
         self._unwatch()
         self.server._stalled.discard(self)
         self.server._forget(self)
-        if self.waiting and self.task is not None:
+        if self._readable is not None and self.task is not None:
             self.task.cancel()              # else it is handling a request, and ends after it
 
     # Input: the socket stays watched from one request to the next, rather
@@ -2319,11 +2318,9 @@ class _Client:
         if not self.watched:
             self.loop.add_reader(self.fd, self._on_input)
             self.watched = True
-        self.waiting = True
         try:
             await readable
         finally:
-            self.waiting = False
             self._readable = None
 
     def _on_input(self):
