@@ -30,7 +30,10 @@ client on raw sockets if there is none): it adds little to what it measures.
                client count is run --fan-repeats times per subject, the subjects
                interleaved (the order rotating), and the median reported with the
                lowest and highest: on a shared or virtual machine a single run can
-               swing by tens of percent, the reference's too. CPU time is read in
+               swing by tens of percent, the reference's too. The ratio is paired
+               like the round trips': each run's CPU to the reference's run of the
+               same repeat, next to it in time, the median of these with the lowest
+               and highest. CPU time is read in
                nanoseconds (/proc/PID/task/*/schedstat) where the kernel has it;
   wake-ups     the floor under every poll: the CPU of a process that only wakes --rate
                times a second, in Python on the event loop thermostat.py runs (uvloop
@@ -422,12 +425,14 @@ def run(args, chosen):
                 print(f"  {subject.label}, {clients} clients: {result[0]:.1f} updates/s each, "
                       f"{'every update to every client' if result[1] else 'UPDATES MISSED'}, "
                       f"CPU {result[2]:.2f}%, {result[3]:.1f} us per update delivered", flush=True)
+        reference_cpus = [cpu for _, _, cpu, _ in runs[REFERENCE]]
         for subject in chosen:
             results = runs[subject.label]
             cpus = [cpu for _, _, cpu, _ in results]
             subject.rows["fan"][clients] = dict(
                 rate=statistics.median(rate for rate, _, _, _ in results), every=all(e for _, e, _, _ in results),
                 cpu=statistics.median(cpus), low=min(cpus), high=max(cpus),
+                ratios=[cpu / reference for cpu, reference in zip(cpus, reference_cpus)],
                 cost=statistics.median(cost for _, _, _, cost in results))
 
 
@@ -492,6 +497,11 @@ def ms(seconds):
     return f"{seconds * 1000:.3f} ms"
 
 
+def spread(ratios):
+    "The median of paired ratios, with the lowest and highest."
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def report(chosen, args):
     reference = next(s for s in chosen if s.label == REFERENCE).rows
     client_kind = "C client" if CLIENT[0].endswith("indiclient") else "Python client (no C compiler)"
@@ -505,22 +515,23 @@ def report(chosen, args):
              "|---|---|---|---|---|---|---|"]
     for subject in chosen:
         row = subject.rows
-        ratio = (f"{statistics.median(row['ratios']):.2f}x ({min(row['ratios']):.2f}-{max(row['ratios']):.2f})")
-        lines.append(f"| {subject.label} | {ms(row['p50'])} | {ms(row['p99'])} | {ratio} "
+        lines.append(f"| {subject.label} | {ms(row['p50'])} | {ms(row['p99'])} | {spread(row['ratios'])} "
                      f"| {ms(row['start'])} ({row['start'] / reference['start']:.1f}x) "
                      f"| {row['cpu']:.3f}% ({row['cpu_s']:.2f} s) | {row['rss']:.1f} MiB |")
     lines += ["", f"Fan-out: clients of one vector at {args.rate} updates/s, {args.fan_seconds:g} s a run, "
               f"{args.fan_repeats} runs a subject, interleaved; server CPU (server and driver processes): "
-              "the median of the runs with the lowest and highest, its ratio to the reference's median, "
-              "and that CPU per update delivered to one client (median).", "",
-              "| subject | clients | updates/s each | every update to every client | server CPU (runs) | ratio "
-              "| per update delivered |",
+              "the median of the runs with the lowest and highest; the median of its runs' ratios to the "
+              "reference's run of the same repeat, with the lowest and highest; and that CPU per update "
+              "delivered to one client (median).", "",
+              "| subject | clients | updates/s each | every update to every client | server CPU (runs) "
+              "| ratio per run | per update delivered |",
               "|---|---|---|---|---|---|---|"]
     for clients in args.clients:
         for subject in chosen:
-            fan, ref = subject.rows["fan"][clients], reference["fan"][clients]
+            fan = subject.rows["fan"][clients]
             lines.append(f"| {subject.label} | {clients} | {fan['rate']:.1f} | {'yes' if fan['every'] else 'NO'} "
-                         f"| {fan['cpu']:.2f}% ({fan['low']:.2f}-{fan['high']:.2f}) | {fan['cpu'] / ref['cpu']:.2f}x "
+                         f"| {fan['cpu']:.2f}% ({fan['low']:.2f}-{fan['high']:.2f}) "
+                         f"| {spread(fan['ratios'])} "
                          f"| {fan['cost']:.1f} us |")
     lines += ["", f"Wake-ups: a process that only wakes {args.rate} times a second, the floor under a poll "
               f"(median of {args.fan_repeats} runs of {args.fan_seconds:g} s, interleaved).", "",
