@@ -2309,8 +2309,14 @@ class _Client:
     # Input: the socket stays watched from one request to the next, rather
     # than through loop.sock_recv, which with uvloop registers and drops it
     # at every read (eight system calls a request, measured with strace).
-    # Every read waits for the event loop to report input, so that a client
-    # that keeps sending is served no faster than its share.
+    # The socket is read until a read finds nothing, and only then is the
+    # event loop's report awaited: the end of the stream and a reset are
+    # taken from the socket itself. uvloop (libuv) stops watching a socket
+    # whose report carries an error without calling back, so a client that
+    # sent a request and reset the connection at once was never forgotten,
+    # its connection held for good. A read that follows another without a
+    # wait first yields once, so that a client that keeps sending is served
+    # no faster than its share.
 
     async def _input(self):
         "Wait until the socket has input (or has closed)."
@@ -2337,15 +2343,20 @@ class _Client:
 
     async def run(self):
         stream = _IndiStream(source=f"client {self.address}")
+        waited = True
         try:
             while not self.closed:
-                await self._input()
                 try:
                     data = self.sock.recv(READ_SIZE)
                 except BlockingIOError:
-                    continue                        # asyncio's own loop reports input once more after it was read
+                    await self._input()             # nothing to read: until the event loop reports input
+                    waited = True
+                    continue
                 if not data:
                     break
+                if not waited:
+                    await asyncio.sleep(0)          # read again without waiting: everyone else's turn first
+                waited = False
                 for count, element in enumerate(stream.feed(data), 1):
                     if self.closed:
                         break

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import socket
+import struct
 import sys
 import threading
 import time
@@ -133,6 +134,19 @@ def test_a_closed_reset_or_cut_off_connection_frees_everything_at_once(in_proces
         gc.collect()
         return not [kept for kept in gc.get_objects() if isinstance(kept, thermostat._Client)]
     wait_until(no_client_kept, what="every closed client's last reference to go")
+
+
+def test_a_request_then_a_reset_at_once_frees_the_connection(served):
+    "As the command line runs it, on uvloop where installed: a reset ends the connection however it comes."
+    server = served("--max-connections", "3", "-v")
+    for ended in range(1, 7):           # twice the limit: any one kept would keep a client out for good
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(GET_ALL.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_until(lambda: server.stderr_text().count(" disconnected") >= ended, what="the reset connection to end")
+    client = server.client()
+    assert answered(client)
 
 
 # -- 2. output -------------------------------------------------------------------
