@@ -1943,6 +1943,7 @@ def _serialize_into(element, parts):
 _INDI_START = re.compile(rb"<(?:%s)[\s/>]" % b"|".join(tag.encode() for tag in sorted(INDI_TAGS)))
 _INDI_START_LONGEST = max(len(tag) for tag in INDI_TAGS) + 2
 _TAG = re.compile(rb"""<[^<>"']*(?:(?:"[^"<]*"|'[^'<]*')[^<>"']*)*>""")     # one complete tag
+_ROOT_END = re.compile(rb"</indi\s*>")
 
 
 class _IndiStream:
@@ -2023,6 +2024,10 @@ class _IndiStream:
                         return b""
                     self._open.append(element)
                     continue
+                if len(self._open) == 1:        # </indi>: the synthetic root itself
+                    self._discard("malformed XML received (</%s> with nothing open)", excerpt(element.tag))
+                    closing = _ROOT_END.search(data)    # the first, so that nothing after it is skipped
+                    return data[closing.end():] if closing else b""
                 self._open.pop()
                 parent = self._open[-1]
                 if parent is self._open[0] or (element.tag in INDI_TAGS and parent.tag in INDI_TAGS):

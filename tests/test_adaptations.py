@@ -197,7 +197,8 @@ def test_stream_splits_elements_across_arbitrary_chunks():
 
 
 @pytest.mark.parametrize("bad", [b'<oneNumber name="x">1</oops>', b"\x00\xff garbage <<>>", b'<a b="c"d="e"/>',
-                                 b'<!DOCTYPE x [<!ENTITY e "e">]><message message="&e;"/>'])
+                                 b'<!DOCTYPE x [<!ENTITY e "e">]><message message="&e;"/>',
+                                 b"</indi>"])      # the end of the synthetic root the stream parses in
 def test_stream_resumes_after_malformed_xml(bad):
     assert parse(GET % b"before", bad, GET % b"after") == [("getProperties", "before"), ("getProperties", "after")]
     assert parse(GET % b"before" + bad + GET % b"after")[-1] == ("getProperties", "after")
