@@ -73,11 +73,24 @@ class WarningThrottle(logging.Filter):
         return window[1] <= self.limit
 
 
+MAX_LOG_LINE = 1000
+
+
+def clip_log_line(record):
+    """A log line quotes at most MAX_LOG_LINE characters: with DEBUG on, the
+    XML a client sent is logged, and one client could send megabytes."""
+    text = record.getMessage()
+    if len(text) > MAX_LOG_LINE:
+        record.msg, record.args = text[:MAX_LOG_LINE - 3] + "...", ()
+    return True
+
+
 logger = logging.getLogger("thermostat")
 # asyncio's logger and the foundation's too: what a peer does can make them speak
 for _name in ("thermostat", "asyncio", "indipydriver.ipydriver", "indipyserver.ipyserver",
               "indipyserver.remote", "indipyserver.exdriver"):
     logging.getLogger(_name).addFilter(WarningThrottle())
+    logging.getLogger(_name).addFilter(clip_log_line)
 
 
 # ---------------------------------------------------------------------------
@@ -2823,7 +2836,7 @@ async def request_event(driver, root):
         return None                     # as indipydriver: a stopping or disabled device takes nothing
     vector = device.get(name)
     if vector is None or not vector.enable:
-        await driver.refuse(name, f"no such property on device {device.devicename}")
+        await driver.refuse("(no name)" if name is None else name, f"no such property on device {device.devicename}")
         return None
     if vector.perm == "ro":
         await driver.refuse(name, "is read-only; the request was ignored")

@@ -28,7 +28,8 @@ def fresh_throttle():
     "Warnings are throttled per minute across the whole test run: each test starts with a fresh count."
     for name in ("thermostat", "asyncio"):
         for throttle in logging.getLogger(name).filters:
-            throttle._windows.clear()
+            if isinstance(throttle, thermostat.WarningThrottle):
+                throttle._windows.clear()
 
 
 def answered(client, timeout=5.0):
@@ -456,6 +457,30 @@ def test_a_rejection_quotes_only_a_short_excerpt(served):
     assert answered(client)
     assert len(reply.get("message")) <= 200 and len(message.get("message")) <= 300
     assert max(len(line) for line in server.stderr_text().splitlines()) < 400
+
+
+def test_a_request_without_a_name_is_answered_not_a_traceback(served):
+    server = served()
+    client = server.client()
+    client.send(GET_ALL)
+    client.send('<newNumberVector device="Thermostat"><oneNumber name="target">3</oneNumber></newNumberVector>')
+    message = client.expect(lambda e: e.tag == "message" and "no such property" in e.get("message", ""))
+    assert "(no name)" in message.get("message")
+    assert answered(client)
+    assert "Traceback" not in server.stderr_text()
+
+
+def test_with_debug_on_a_log_line_quotes_at_most_a_bounded_excerpt(served):
+    server = served("-v")
+    client = server.client()
+    client.send('<newSwitchVector device="Thermostat" name="DEBUG"><oneSwitch name="ENABLE">On</oneSwitch>'
+                '</newSwitchVector>')
+    client.expect(tagged("setSwitchVector", name="DEBUG"))
+    client.send(new_number("Thermostat", "targetvector", "target", " " * 200000 + "15"))
+    client.expect(lambda e: e.get("name") == "targetvector" and e.get("state") == "Ok")
+    log = server.stderr_text()
+    assert "RX:: <newNumberVector" in log                    # the request is logged, clipped
+    assert max(len(line) for line in log.splitlines()) <= thermostat.MAX_LOG_LINE + 100
 
 
 def test_errors_are_throttled_like_warnings_asyncio_s_too():
