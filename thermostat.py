@@ -1876,7 +1876,8 @@ def indi_thermostat():
 DEFAULT_MAX_CONNECTIONS = 50        # a few desktops, dashboards and scripts, with room to spare
 MAX_CONNECTIONS = 1000              # below the usual limit of 1024 open files
 DEFAULT_MAX_UNREAD_MIB = 32         # libindi's indiserver -m: 128 MB
-READ_SIZE = 65536
+READ_SIZE = 65536                   # from a driver's stdin, or a remote server
+CLIENT_READ_SIZE = 4096             # from a client: its input between two turns of everyone else's
 
 NEW_TAGS = frozenset({"newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector"})
 INDI_TAGS = NEW_TAGS | DEVICE_TAGS | {"getProperties", "enableBLOB"}
@@ -1988,6 +1989,7 @@ class _IndiStream:
         self.source = source
         self._skipping = False          # after a discarded element, until the next INDI start tag
         self._skipped_tail = b""        # the end of what was skipped: a start tag may span two reads
+        self._discarded = 0             # elements discarded in this feed
         self._reset()
 
     def _reset(self):
@@ -2001,14 +2003,21 @@ class _IndiStream:
 
     def feed(self, data):
         elements = []
+        self._discarded = 0
         for start in range(0, len(data), self.SLICE):
             piece = data[start:start + self.SLICE]
             while piece:
                 piece = self._skip(piece) if self._skipping else self._parse(piece, elements)
+        if self._discarded > 1:
+            logger.warning("%s: %d more elements discarded in the same read", self.source, self._discarded - 1)
         return elements
 
     def _discard(self, reason, *args):
-        logger.warning("%s: " + reason + "; skipping to the next INDI element", self.source, *args)
+        # the first of a read is logged, the others counted: a log record costs as much as the rest
+        # of a discard, and a read can hold hundreds of malformed tags
+        self._discarded += 1
+        if self._discarded == 1:
+            logger.warning("%s: " + reason + "; skipping to the next INDI element", self.source, *args)
         self._skipping = True
         self._reset()
 
@@ -2365,7 +2374,7 @@ class _Client:
         try:
             while not self.closed:
                 try:
-                    data = self.sock.recv(READ_SIZE)
+                    data = self.sock.recv(CLIENT_READ_SIZE)
                 except BlockingIOError:
                     await self._input()             # nothing to read: until the event loop reports input
                     waited = True

@@ -8,6 +8,7 @@ import gc
 import logging
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -278,22 +279,54 @@ def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path
             pass                        # closed at the end
     sender = threading.Thread(target=flood, daemon=True)
     sender.start()
-    arrivals, updates = [], []
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        update = watcher.expect(tagged("setNumberVector", name="temperaturevector"), timeout=2)
-        arrivals.append(time.monotonic())
-        updates.append(datetime.fromisoformat(update.get("timestamp")))
+    updates, polls, gap = watch(watcher, seconds=4)
     flooding = False
     flooder.close()
     sender.join(2)
     reader.join(2)
-    polls = round((updates[-1] - updates[0]).total_seconds() / 0.05) + 1
-    gap = max(b - a for a, b in zip(arrivals, arrivals[1:]))
-    print(f"watcher: {len(updates)} of {polls} updates, longest gap {gap:.3f} s; flooder read {received[0]} bytes")
+    print(f"watcher: {updates} of {polls} updates, longest gap {gap:.3f} s; flooder read {received[0]} bytes")
     assert received[0] > 1 << 20, "the flood was not answered"
-    assert len(updates) >= 0.95 * polls and gap < 1.0
+    assert updates >= 0.95 * polls and gap < 1.0
     assert "log backlog full" not in server.stderr_text()
+
+
+def watch(watcher, seconds):
+    "(temperature updates a watcher received in seconds, polls made meanwhile at FAST's 50 ms, longest gap)."
+    arrivals, updates = [], []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        update = watcher.expect(tagged("setNumberVector", name="temperaturevector"), timeout=2)
+        arrivals.append(time.monotonic())
+        updates.append(datetime.fromisoformat(update.get("timestamp")))
+    polls = round((updates[-1] - updates[0]).total_seconds() / 0.05) + 1
+    return len(updates), polls, max(b - a for a, b in zip(arrivals, arrivals[1:]))
+
+
+MALFORMED_FLOOD = """
+import socket, sys, time
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(20)]
+garbage, deadline = b"<getProperties <" * 4096, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    for sock in socks:
+        sock.sendall(garbage)
+"""
+
+
+def test_many_connections_flooding_malformed_tags_do_not_starve_another_one(served):
+    "Each malformed tag costs a parser reset: a read's worth of them must not hold the event loop for long."
+    server = served()
+    watcher = server.client()
+    watcher.send('<getProperties version="1.7" device="Thermostat"/>')
+    watcher.expect(tagged("setNumberVector", name="temperaturevector"))
+    flood = subprocess.Popen([sys.executable, "-c", MALFORMED_FLOOD, str(server.port), "5"])
+    try:
+        time.sleep(0.5)                 # the flood under way
+        updates, polls, gap = watch(watcher, seconds=3)
+    finally:
+        flood.kill()
+        flood.wait()
+    print(f"watcher: {updates} of {polls} updates, longest gap {gap:.3f} s")
+    assert updates >= 0.95 * polls and gap < 1.0
 
 
 class Slow(IPyDriver):
