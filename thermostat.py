@@ -81,7 +81,7 @@ def clip_log_line(record):
     XML a client sent is logged, and one client could send megabytes."""
     text = record.getMessage()
     if len(text) > MAX_LOG_LINE:
-        record.msg, record.args = text[:MAX_LOG_LINE - 3] + "...", ()
+        record.msg, record.args = clipped(text, MAX_LOG_LINE), ()
     return True
 
 
@@ -2845,7 +2845,8 @@ async def request_event(driver, root):
         return None                     # as indipydriver: a stopping or disabled device takes nothing
     vector = device.get(name)
     if vector is None or not vector.enable:
-        await driver.refuse("(no name)" if name is None else name, f"no such property on device {device.devicename}")
+        await driver.refuse("(no name)" if name is None else name,
+                            f"no such property on device {device.devicename}")
         return None
     if vector.perm == "ro":
         await driver.refuse(name, "is read-only; the request was ignored")
