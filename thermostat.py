@@ -2845,7 +2845,7 @@ async def request_event(driver, root):
         return None                     # as indipydriver: a stopping or disabled device takes nothing
     vector = device.get(name)
     if vector is None or not vector.enable:
-        await driver.refuse("(no name)" if name is None else name,
+        await driver.refuse(name or "(no name)",
                             f"no such property on device {device.devicename}")
         return None
     if vector.perm == "ro":

@@ -496,9 +496,11 @@ def test_a_request_without_a_name_is_answered_not_a_traceback(served):
     server = served()
     client = server.client()
     client.send(GET_ALL)
-    client.send('<newNumberVector device="Thermostat"><oneNumber name="target">3</oneNumber></newNumberVector>')
-    message = client.expect(lambda e: e.tag == "message" and "no such property" in e.get("message", ""))
-    assert "(no name)" in message.get("message")
+    for name in ("", ' name=""'):
+        client.send(f'<newNumberVector device="Thermostat"{name}><oneNumber name="target">3</oneNumber>'
+                    '</newNumberVector>')
+        message = client.expect(lambda e: e.tag == "message" and "no such property" in e.get("message", ""))
+        assert "(no name)" in message.get("message")
     assert answered(client)
     assert "Traceback" not in server.stderr_text()
 
