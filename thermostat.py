@@ -2845,8 +2845,7 @@ async def request_event(driver, root):
         return None                     # as indipydriver: a stopping or disabled device takes nothing
     vector = device.get(name)
     if vector is None or not vector.enable:
-        await driver.refuse(name or "(no name)",
-                            f"no such property on device {device.devicename}")
+        await driver.refuse(name or "(no name)", f"no such property on device {device.devicename}")
         return None
     if vector.perm == "ro":
         await driver.refuse(name, "is read-only; the request was ignored")
