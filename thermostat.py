@@ -49,28 +49,43 @@ from indipyserver.remote import RemoteConnection
 __version__ = "1.0.0"
 
 
+class Throttle:
+    """Lets at most `limit` events of one kind through per `period` seconds,
+    and counts the rest: a client that floods the server with bad input must
+    flood neither the log nor the other clients."""
+
+    def __init__(self, limit=20, period=60.0):
+        self.limit, self.period = limit, period
+        self._windows = {}              # kind -> [start of its window, events in it]
+
+    def passes(self, kind, now):
+        """(whether this event passes, how many of its kind the window before
+        held back): the count is given once, to the first event of a new window."""
+        window = self._windows.setdefault(kind, [now, 0])
+        held_back = 0
+        if now - window[0] >= self.period:
+            held_back = max(window[1] - self.limit, 0)
+            window[:] = [now, 0]
+        window[1] += 1
+        return window[1] <= self.limit, held_back
+
+
 class WarningThrottle(logging.Filter):
     """Passes at most `limit` warnings or errors of one kind (one message
     template) per `period` seconds, and says how many it held back with the
-    next one that passes: a client that floods the server with bad input
-    must not flood its log too."""
+    next one that passes."""
 
     def __init__(self, limit=20, period=60.0):
         super().__init__()
-        self.limit, self.period = limit, period
-        self._windows = {}              # template -> [start of its window, warnings in it]
+        self.throttle = Throttle(limit, period)
 
     def filter(self, record):
         if record.levelno < logging.WARNING:
             return True
-        window = self._windows.setdefault(record.msg, [record.created, 0])
-        if record.created - window[0] >= self.period:
-            held_back = window[1] - self.limit
-            window[:] = [record.created, 0]
-            if held_back > 0:
-                record.msg = f"{record.msg} ({held_back} more like this were not logged)"
-        window[1] += 1
-        return window[1] <= self.limit
+        passes, held_back = self.throttle.passes(record.msg, record.created)
+        if held_back:
+            record.msg = f"{record.msg} ({held_back} more like this were not logged)"
+        return passes
 
 
 MAX_LOG_LINE = 1000
@@ -870,6 +885,7 @@ class ThermoDriver(IPyDriver):
         self.wake = asyncio.Event()         # ends the wait for a slow sensor's reading (wake_up sets it)
         self._sleep = None                  # the control loop's wait for its next poll (see wake_up)
         self._sending_files = asyncio.Lock()
+        self.refusals = Throttle(limit=20, period=60.0)     # device messages answering unknown requests
 
     def shutdown(self):
         super().shutdown()
@@ -1020,7 +1036,12 @@ class ThermoDriver(IPyDriver):
         "Answer a request that has no vector to answer on (unknown or read-only) with a device message."
         name, message = clipped(name, 40), clipped(message)
         logger.warning("%s.%s: %s", self.device.devicename, name, message)
-        await self.device.send_device_message(message=f"[WARNING] {name}: {message}")
+        # every client of the device sees it: one client's flood must not become everyone's
+        passes, held_back = self.refusals.passes("refusal", asyncio.get_running_loop().time())
+        if held_back:
+            message += f" ({held_back} more refusals were not sent in the minute before)"
+        if passes:
+            await self.device.send_device_message(message=f"[WARNING] {name}: {message}")
 
     async def publish(self, vector, message="", **kwargs):
         await vector.send_setVector(message=message, **kwargs)

@@ -50,3 +50,22 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
     unsent_rows = [row for logfile in driver.thermostat.backlog for row in logfile.rows]
     assert sent_rows + [row.strip() for row in unsent_rows] == logged
     assert len(sent_rows) > 0
+
+
+def test_refusals_beyond_the_limit_are_counted_in_the_next_one_sent():
+    driver = thermostat.make_driver()
+    link = SlowLink(driver, delay=0)
+    driver.refusals = thermostat.Throttle(limit=2, period=0.2)
+    request = thermostat.ET.fromstring('<newNumberVector device="Thermostat" name="nosuch">'
+                                       '<oneNumber name="x">1</oneNumber></newNumberVector>')
+
+    async def run():
+        for _ in range(5):
+            await driver._readdata(request)
+        await asyncio.sleep(0.25)
+        await driver._readdata(request)
+    asyncio.run(run())
+
+    messages = [xml.get("message") for xml in link.sent if xml.tag == "message"]
+    assert len(messages) == 3
+    assert "3 more refusals were not sent" in messages[2] and "more refusals" not in messages[1]

@@ -30,7 +30,7 @@ def fresh_throttle():
     for name in ("thermostat", "asyncio"):
         for throttle in logging.getLogger(name).filters:
             if isinstance(throttle, thermostat.WarningThrottle):
-                throttle._windows.clear()
+                throttle.throttle._windows.clear()
 
 
 def answered(client, timeout=5.0):
@@ -490,6 +490,19 @@ def test_a_rejection_quotes_only_a_short_excerpt(served):
     assert answered(client)
     assert len(reply.get("message")) <= 200 and len(message.get("message")) <= 300
     assert max(len(line) for line in server.stderr_text().splitlines()) < 400
+
+
+def test_a_flood_of_requests_for_no_property_reaches_other_clients_as_at_most_20_refusals(served):
+    server = served()
+    watcher, flooder = server.client(), server.client()
+    watcher.send(GET_ALL)
+    watcher.expect(tagged("defNumberVector", name="targetvector"))
+    flooder.send("".join(new_number("Thermostat", f"nosuch{i}", "x", "1") for i in range(60)))
+    assert answered(flooder)            # requests are handled in order: all 60 are refused by now
+    assert answered(watcher)            # and whatever that sent the watcher came before this answer
+    refusals = [e for e in watcher.received if e.tag == "message" and "no such property" in e.get("message", "")]
+    assert len(refusals) == 20
+    assert server.stderr_text().count("no such property") == 20     # the log's throttle, as before
 
 
 def test_a_request_without_a_name_is_answered_not_a_traceback(served):
