@@ -565,6 +565,8 @@ class ThermalControl:
         if on and not self.heater_on:
             self._on_since = now
         self.heater_on, self.heater_known = on, True
+        if isinstance(self.sensor, Simulator):
+            self.sensor.heater_on = on      # a simulated sensor warms with a real heater too
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
 
@@ -878,6 +880,7 @@ class ThermoDriver(IPyDriver):
         self._save_wanted = False
         self.hardware_timeout = hardware_timeout
         self._sensor_read = self._heater_switch = None     # calls still running in a worker thread
+        self._switching = threading.Lock()  # held by a heater switch in a worker thread
         self._published_safety = Safety()
         self.connected = True               # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
@@ -950,7 +953,8 @@ class ThermoDriver(IPyDriver):
         target = await self.checked_number(event, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
         if target is not None:
             self.thermostat.target = target
-            self.thermostat.rearm()
+            if self._settling is None:      # a person's request acknowledges the alarm; a saved setting does not
+                self.thermostat.rearm()
             event.vector["target"] = f"{target:.2f}"
             await self.publish(event.vector, state="Ok" if self.thermostat.in_band else "Busy")
 
@@ -1252,6 +1256,8 @@ class ThermoDriver(IPyDriver):
                     if (on := thermostat.heater_command()) is None:
                         break
                     await self.switch_heater(on)
+                if self.stop or not self.connected:
+                    return                  # it went while the heater switched (and switched it off)
                 reading = replace(reading, heater_on=thermostat.heater_on, safety=thermostat.safety)
         except Exception:
             logger.exception("%s: thermostat poll failed", self.device.devicename)
@@ -1294,10 +1300,18 @@ class ThermoDriver(IPyDriver):
         if getattr(thermostat.heater, "instant", False):
             thermostat.switch_now(on, datetime.now(timezone.utc))
             return
-        if self._heater_switch is not None and not self._heater_switch.done():
-            error = TimeoutError(f"no answer within {self.hardware_timeout:g} s")   # still
+        # One switch at a time, in the order asked: an off waits for an on still under way
+        # (a disconnect during a poll's switch), or the on would land after it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hardware_timeout
+        while (under_way := self._heater_switch) is not None and not under_way.done():
+            if (left := deadline - loop.time()) <= 0:
+                break
+            await asyncio.wait([under_way], timeout=left)
+        if under_way is not None and not under_way.done():
+            error = TimeoutError(f"the switch before this one has not answered in {self.hardware_timeout:g} s")
         else:
-            self._heater_switch = in_thread(thermostat.heater.switch, on)
+            self._heater_switch = in_thread(self._switch_in_turn, on)
             try:
                 await asyncio.wait_for(asyncio.shield(self._heater_switch), self.hardware_timeout)
                 error = None
@@ -1307,9 +1321,23 @@ class ThermoDriver(IPyDriver):
                 error = exc
         thermostat.heater_switched(on, datetime.now(timezone.utc), error)
 
+    def _switch_in_turn(self, on):
+        "Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn."
+        with self._switching:
+            self.thermostat.heater.switch(on)
+
     def switch_off_at_stop(self):
-        "Switch the heater off here and now, whatever else is pending: the driver is stopping."
-        if error := self.thermostat.switch_now(False, datetime.now(timezone.utc)):
+        """Switch the heater off here and now, whatever else is pending: the
+        driver is stopping. A switch still running in a worker thread (an on,
+        say, that shutdown did not wait for) is let finish first, for at most
+        hardware_timeout: the off must be the last word."""
+        in_turn = self._switching.acquire(timeout=self.hardware_timeout)
+        try:
+            error = self.thermostat.switch_now(False, datetime.now(timezone.utc))
+        finally:
+            if in_turn:
+                self._switching.release()
+        if error:
             logger.error("%s: at stop the heater may still be on: switching it off failed: %s",
                          self.device.devicename, why(error))
         else:

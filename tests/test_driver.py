@@ -69,3 +69,17 @@ def test_refusals_beyond_the_limit_are_counted_in_the_next_one_sent():
     messages = [xml.get("message") for xml in link.sent if xml.tag == "message"]
     assert len(messages) == 3
     assert "3 more refusals were not sent" in messages[2] and "more refusals" not in messages[1]
+
+
+def test_a_failed_config_load_leaves_a_latched_heater_alarm_latched(tmp_path):
+    config = tmp_path / "bad.xml"
+    config.write_text('<INDIDriver><newNumberVector device="Thermostat" name="targetvector">'
+                      '<oneNumber name="target">500</oneNumber></newNumberVector></INDIDriver>')
+    driver = thermostat.make_driver(config=config)
+    SlowLink(driver, delay=0)
+    driver.thermostat.on_time_alarm = True          # latched: only a person's new target clears it
+    load = thermostat.ET.fromstring('<newSwitchVector device="Thermostat" name="CONFIG_PROCESS">'
+                                    '<oneSwitch name="CONFIG_LOAD">On</oneSwitch></newSwitchVector>')
+    asyncio.run(driver._readdata(load))
+    assert driver.device["CONFIG_PROCESS"].state == "Alert"
+    assert driver.thermostat.on_time_alarm

@@ -22,6 +22,7 @@ HEATER_SCRIPT = """#!/bin/sh
 # records what it was told; fails to switch on while heater-fails exists, hangs while heater-hangs does
 cd "$(dirname "$0")"
 [ -e heater-hangs ] && exec sleep 30
+[ "$1" = on ] && [ -e heater-slow-on ] && { touch switching-on; sleep "$(cat heater-slow-on)"; }
 if [ "$1" = on ] && [ -e heater-fails ]; then echo "on FAILED" >> heater.log; echo "relay jammed" >&2; exit 3; fi
 echo "$1" >> heater.log
 """
@@ -114,7 +115,9 @@ def test_regulates_on_real_readings(rig, served):
     server, client = heating(rig, served)
     rig.write("26000")                                  # above target + 0.5
     client.expect(lambda e: setvector("temperaturevector", "Ok")(e) and members(e)["temperature"] == "26.00")
-    client.expect(lambda e: setvector("heatervector")(e) and members(e)["heater"] == "Idle")
+    client.send('<getProperties version="1.7" device="Thermostat" name="heatervector"/>')
+    shown = client.expect(lambda e: e.tag == "defLightVector" and e.get("name") == "heatervector")
+    assert members(shown)["heater"] == "Idle"
     assert rig.wait_told("off", after=2) == ["off", "on", "off"]
     rig.write("24400")                                  # below target - 0.5
     assert rig.wait_told("on", after=3) == ["off", "on", "off", "on"]
@@ -308,6 +311,25 @@ def test_disconnect_switches_the_heater_off_and_safety_goes_idle(rig, served):
     rig.wait_told("on", after=3)
 
 
+def test_a_disconnect_while_the_heater_switches_on_leaves_it_off(rig, served):
+    (rig.folder / "heater-slow-on").write_text("0.6\n")
+    server = served(*rig.options("--target", "25", "--hardware-timeout", "2"))
+    client = watch(server)
+    deadline = time.monotonic() + 10
+    while not (rig.folder / "switching-on").exists():
+        assert time.monotonic() < deadline, "the heater was never switched on"
+        time.sleep(0.01)
+    assert rig.told() == ["off"]                        # the on is under way: disconnect now
+    client.send('<newSwitchVector device="Thermostat" name="CONNECTION">'
+                '<oneSwitch name="CONNECT">Off</oneSwitch><oneSwitch name="DISCONNECT">On</oneSwitch>'
+                '</newSwitchVector>')
+    client.expect(setvector("SAFETY_STATUS", "Idle"))
+    assert rig.wait_told("off", after=2) == ["off", "on", "off"]     # the off after the on, not before
+    client.send('<getProperties version="1.7" device="Thermostat" name="heatervector"/>')
+    shown = client.expect(lambda e: e.tag == "defLightVector" and e.get("name") == "heatervector")
+    assert members(shown)["heater"] == "Idle"
+
+
 # -- the model alone: time passed in, nothing sleeps -----------------------
 
 START = thermostat.datetime(2026, 1, 1, tzinfo=thermostat.timezone.utc)
@@ -357,6 +379,14 @@ def test_the_same_value_with_the_heater_off_is_not_stuck():
     for seconds in range(0, 3600, 60):
         assert control.step(at(seconds)).safety.sensor is None
     assert bench.told == []
+
+
+def test_the_simulated_sensor_warms_with_a_real_heater():
+    heater = Bench(None)
+    control = thermostat.ThermalControl(heater=heater, target=25)      # the sensor simulated
+    readings = [control.step(at(seconds)).temperature for seconds in range(4)]
+    assert heater.told == [True]
+    assert readings == sorted(readings) and readings[-1] > readings[0]
 
 
 def test_refused_readings_are_not_logged_and_the_last_good_value_is_kept():
@@ -550,6 +580,36 @@ def test_a_hung_sensor_holds_up_neither_shutdown_nor_the_heater_off():
         await asyncio.wait_for(hardware, 5)         # not the 60 s of the sensor's timeout
     asyncio.run(run())
     assert told == [False, False]                   # off at start, off at stop
+
+
+def test_a_stop_that_cuts_short_a_switch_on_switches_the_heater_off_after_it():
+    switching_on, told = threading.Event(), []
+
+    class SlowRelay:
+        def switch(self, on):
+            if on:
+                switching_on.set()
+                time.sleep(0.3)             # still under way when the driver is cancelled
+            told.append(on)
+
+    driver = thermostat.make_driver(poll_interval=0.02, target=30, heater=SlowRelay(), hardware_timeout=5)
+
+    class Link:
+        async def run_tx(self, xmldata):
+            pass
+
+        def shutdown(self):
+            pass
+    driver._commsobj = Link()
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        while not switching_on.is_set():
+            await asyncio.sleep(0.01)
+        hardware.cancel()                   # as at the end of a shutdown that did not wait for the poll
+        await asyncio.wait([hardware], timeout=5)
+    asyncio.run(run())
+    assert told == [False, True, False]     # off at start, the on, then the off after it
 
 
 # -- the command line ------------------------------------------------------
