@@ -2536,7 +2536,10 @@ class ThermoServer(IPyServer):
                 client.interested(device, name)
                 await self._ask(client, element, [owner])
             else:       # it may yet be defined by an executable driver or a remote server
-                await self._ask(client, element, [link for link in self._links if link.source not in self.drivers])
+                links = [link for link in self._links if link.source not in self.drivers]
+                if links and len(client.touched) < client.MAX_SETTINGS:
+                    client.interested(device, name)     # as indiserver: what it defines later reaches this client
+                await self._ask(client, element, links)
         elif tag in NEW_TAGS:
             if owner := self._owner(device):
                 client.asked = True

@@ -458,6 +458,18 @@ def test_a_client_never_speaks_for_a_relayed_or_unknown_device(in_process, caplo
         remote.stop()
 
 
+def test_a_client_that_asks_for_a_device_not_yet_defined_gets_it_once_it_is(in_process):
+    "A remote that is down, or an executable driver still starting: the client's request is remembered."
+    server = thermostat.make_server(port=free_port())
+    server.add_exdriver("sh", "-c", "sleep 0.5; exec indi_thermostat --device Late --poll-interval 0.05")
+    running = in_process(server)
+    client = running.client()
+    client.send('<getProperties version="1.7" device="Late"/>')       # before Late is defined
+    client.expect(tagged("defNumberVector", "Late", "temperaturevector"), timeout=10)
+    client.expect(tagged("setNumberVector", "Late", "temperaturevector"), timeout=5)
+    client.close()
+
+
 def test_executable_drivers_are_routed_too(in_process):
     "make_server still takes add_exdriver: its device answers requests like a local one."
     server = thermostat.make_server(port=free_port())
