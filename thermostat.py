@@ -1362,8 +1362,11 @@ class ThermoDriver(IPyDriver):
             await self.publish(temperature, message=message, state="Alert", timestamp=reading.timestamp)
         else:
             temperature["temperature"] = f"{reading.temperature:.2f}"
-            message = f"the sensor reads again: {reading.temperature:.2f}" if before.sensor else ""
-            await self.publish(temperature, message=message, state="Ok", timestamp=reading.timestamp)
+            await self.publish(temperature, state="Ok", timestamp=reading.timestamp)
+            if before.sensor:
+                # a message of its own: on the vector it would cut the timestamp to whole
+                # seconds (as_libindi_message), and the log's row for this reading has it exact
+                await self.device.send_device_message(message=f"the sensor reads again: {reading.temperature:.2f}")
         heater_message = ""
         if safety.heater != before.heater:
             heater_message = (f"[ERROR] heater: {safety.heater}" if safety.heater

@@ -179,7 +179,9 @@ def test_a_failing_sensor_turns_the_heater_off_says_why_and_recovers(rig, served
     # good readings return: regulation resumes by itself
     release() if release else rig.write("21500")
     back = client.expect(setvector("temperaturevector", "Ok"), what="the temperature Ok again")
-    assert "the sensor reads again: 21.50" in back.get("message")
+    assert "." in back.get("timestamp"), "exact, as the log's row for the same reading"
+    said = client.expect(lambda e: e.tag == "message" and "the sensor reads again: 21.50" in e.get("message", ""))
+    assert said.get("message").startswith("[INFO] ")
     expect_safety(client, "Ok")
     assert rig.wait_told("on", after=3) == ["off", "on", "off", "on"]
 
@@ -195,7 +197,8 @@ def test_a_stuck_sensor_turns_the_heater_off_until_the_reading_moves(rig, served
     client.expect(setvector("temperaturevector", "Alert"))     # stays refused, heater off or not
     assert rig.told() == ["off", "on", "off"]
     rig.write("21600")
-    client.expect(setvector("temperaturevector", "Ok", "the sensor reads again: 21.60"))
+    client.expect(setvector("temperaturevector", "Ok"))
+    client.expect(lambda e: e.tag == "message" and "the sensor reads again: 21.60" in e.get("message", ""))
     rig.wait_told("on", after=3)
 
 
