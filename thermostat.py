@@ -950,7 +950,7 @@ class ThermoDriver(IPyDriver):
             self.save_soon()
 
     async def set_target(self, event):
-        target = await self.checked_number(event, "target", TEMPERATURE_MIN, TEMPERATURE_MAX)
+        target = await self.checked_number(event, "target")
         if target is not None:
             self.thermostat.target = target
             if self._settling is None:      # a person's request acknowledges the alarm; a saved setting does not
@@ -959,7 +959,7 @@ class ThermoDriver(IPyDriver):
             await self.publish(event.vector, state="Ok" if self.thermostat.in_band else "Busy")
 
     async def set_poll_interval(self, event):
-        period_ms = await self.checked_number(event, "PERIOD_MS", *POLL_PERIOD_MS)
+        period_ms = await self.checked_number(event, "PERIOD_MS")
         if period_ms is not None:
             self.poll_interval = period_ms / 1000
             self.wake_up()                  # the control loop re-plans its wait at once
@@ -967,7 +967,7 @@ class ThermoDriver(IPyDriver):
             await self.publish(event.vector, state="Ok")
 
     async def set_log_period(self, event):
-        seconds = await self.checked_number(event, "logperiod", *LOG_PERIOD_S)
+        seconds = await self.checked_number(event, "logperiod")
         if seconds is not None:
             self.thermostat.log_period = seconds
             event.vector["logperiod"] = f"{seconds:g}"
@@ -975,10 +975,9 @@ class ThermoDriver(IPyDriver):
 
     async def set_limits(self, event):
         values = {}
-        for member, low_high in (("maxtemperature", (TEMPERATURE_MIN, TEMPERATURE_MAX)),
-                                 ("maxheateron", MAX_HEATER_ON_S)):
+        for member in ("maxtemperature", "maxheateron"):
             if member in event:
-                if (value := await self.checked_number(event, member, *low_high)) is None:
+                if (value := await self.checked_number(event, member)) is None:
                     return
                 values[member] = value
         if "maxtemperature" in values:
@@ -989,10 +988,12 @@ class ThermoDriver(IPyDriver):
             event.vector["maxheateron"] = f"{values['maxheateron']:g}"
         await self.publish(event.vector, state="Ok")
 
-    async def checked_number(self, event, member, low, high):
-        "The member's value, or None after rejecting the request."
+    async def checked_number(self, event, member):
+        """The member's value, within the range its property declares (which
+        holds the values make_driver was given), or None after rejecting the request."""
+        declared = event.vector.data[member]        # indipydriver's NumberMember
         try:
-            return parse_number(event[member], member, low, high)
+            return parse_number(event[member], member, float(declared.min), float(declared.max))
         except ValueError as exc:
             await self.reject(event.vector, str(exc))
 
@@ -1530,6 +1531,11 @@ GIVEN_AS = dict(target="targetvector", poll_interval="POLLING_PERIOD", log_perio
                 max_heater_on=SAFETY_LIMITS)         # the saved property each setting is kept in
 
 
+def widened(limits, value):
+    "A NumberMember's min and max: limits, widened to hold value."
+    return dict(min=min(limits[0], value), max=max(limits[1], value))
+
+
 def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log_period=None,
                 debug=None, max_temperature=None, max_heater_on=None, log_dir=None, config=True,
                 sensor=None, heater=None, stuck_after=STUCK_AFTER, hardware_timeout=HARDWARE_TIMEOUT):
@@ -1570,9 +1576,9 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
             TextMember("DRIVER_VERSION", "Version", membervalue=__version__),
             TextMember("DRIVER_INTERFACE", "Interface", membervalue=AUX_INTERFACE)]),
         NumberVector("POLLING_PERIOD", "Polling", "Options", "rw", "Ok", [
-            # the declared range holds every value sent, one given here below libindi's floor too
-            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", min=min(POLL_PERIOD_MS[0], poll_interval * 1000),
-                         max=POLL_PERIOD_MS[1], step=1000, membervalue=f"{poll_interval * 1000:.0f}")]),
+            # a declared range holds every value sent, one given here beyond libindi's range too
+            NumberMember("PERIOD_MS", "Period (ms)", format="%.f", **widened(POLL_PERIOD_MS, poll_interval * 1000),
+                         step=1000, membervalue=f"{poll_interval * 1000:.0f}")]),
         # the thermostat's own
         NumberVector("temperaturevector", "Temperature", "Values", "ro", "Ok", [
             NumberMember("temperature", "Temperature", **limits, membervalue=f"{shown:.2f}")]),
@@ -1585,16 +1591,16 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
         SwitchVector("switchvector", "Logs Control", "Control", "rw", "AtMostOne", "Ok", [
             SwitchMember("switchmember", "Logs", membervalue="Off")]),
         NumberVector("logperiodvector", "Log period", "Control", "rw", "Ok", [
-            NumberMember("logperiod", "Seconds per file", format="%.1f", min=min(LOG_PERIOD_S[0], log_period),
-                         max=LOG_PERIOD_S[1], step=60, membervalue=f"{log_period:g}")]),
+            NumberMember("logperiod", "Seconds per file", format="%.1f", **widened(LOG_PERIOD_S, log_period),
+                         step=60, membervalue=f"{log_period:g}")]),
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
         # safety: limits that hold whatever the target, and alarms a client can wait on
         NumberVector(SAFETY_LIMITS, "Limits", "Safety", "rw", "Ok", [
             NumberMember("maxtemperature", "Maximum temperature", **limits, step=0.1,
                          membervalue=f"{thermostat.max_temperature:.2f}"),
-            NumberMember("maxheateron", "Maximum heater-on (s)", format="%.0f", min=MAX_HEATER_ON_S[0],
-                         max=MAX_HEATER_ON_S[1], step=60, membervalue=f"{max_heater_on:g}")]),
+            NumberMember("maxheateron", "Maximum heater-on (s)", format="%.0f",
+                         **widened(MAX_HEATER_ON_S, max_heater_on), step=60, membervalue=f"{max_heater_on:g}")]),
         LightVector("SAFETY_STATUS", "Safety", "Safety", "Idle", [
             LightMember("SENSOR", "Sensor", membervalue="Idle"),
             LightMember("HEATER", "Heater", membervalue="Idle"),

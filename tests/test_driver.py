@@ -83,3 +83,14 @@ def test_a_failed_config_load_leaves_a_latched_heater_alarm_latched(tmp_path):
     asyncio.run(driver._readdata(load))
     assert driver.device["CONFIG_PROCESS"].state == "Alert"
     assert driver.thermostat.on_time_alarm
+
+
+def test_config_default_restores_values_make_driver_was_given_beyond_the_usual_ranges(tmp_path):
+    driver = thermostat.make_driver(poll_interval=0.001, log_period=0.05, max_heater_on=0.5,
+                                    config=tmp_path / "fast.xml")
+    SlowLink(driver, delay=0)
+    default = thermostat.ET.fromstring('<newSwitchVector device="Thermostat" name="CONFIG_PROCESS">'
+                                       '<oneSwitch name="CONFIG_DEFAULT">On</oneSwitch></newSwitchVector>')
+    asyncio.run(driver._readdata(default))
+    assert driver.device["CONFIG_PROCESS"].state == "Ok"
+    assert (driver.poll_interval, driver.thermostat.log_period, driver.thermostat.max_heater_on) == (0.001, 0.05, 0.5)
