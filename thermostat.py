@@ -4,11 +4,11 @@ Run it:      python thermostat.py            (serves INDI on localhost:7624)
 Import it:   from thermostat import make_driver, make_server
 
 The module reads top to bottom: the thermostat model (pure, time passed in),
-the INDI driver (requests in, readings out), assembly (make_driver,
-make_server), the command line, the server side (ThermoServer: a client side
-of our own on indipyserver's IPyServer), and last, fenced, the adaptations to
-defects of indipydriver and indipyserver, with the versions they were
-verified on.
+real hardware (a 1-wire sensor, commands, a GPIO relay), the INDI driver
+(requests in, readings out), assembly (make_driver, make_server), the
+command line, the server side (ThermoServer: a client side of our own on
+indipyserver's IPyServer), and last, fenced, the adaptations to defects of
+indipydriver and indipyserver, with the versions they were verified on.
 """
 
 import argparse
@@ -86,6 +86,17 @@ class WarningThrottle(logging.Filter):
         if held_back:
             record.msg = f"{record.msg} ({held_back} more like this were not logged)"
         return passes
+
+
+def excerpt(text, limit=40):
+    "A short quote of what a peer sent, for logs and messages: whatever it sent, a line stays short."
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def clipped(text, limit=200):
+    "text, cut to limit characters: a rejection quotes what it rejects, never at length."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 MAX_LOG_LINE = 1000
@@ -1934,23 +1945,12 @@ def indi_thermostat():
 DEFAULT_MAX_CONNECTIONS = 50        # a few desktops, dashboards and scripts, with room to spare
 MAX_CONNECTIONS = 1000              # below the usual limit of 1024 open files
 DEFAULT_MAX_UNREAD_MIB = 32         # libindi's indiserver -m: 128 MB
-READ_SIZE = 65536                   # from a driver's stdin, or a remote server
+READ_SIZE = 65536                   # from indiserver, on a driver's stdin
 CLIENT_READ_SIZE = 4096             # from a client: its input between two turns of everyone else's
 
 NEW_TAGS = frozenset({"newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector"})
 INDI_TAGS = NEW_TAGS | DEVICE_TAGS | {"getProperties", "enableBLOB"}
 BLOB_MODES = ("Never", "Also", "Only")
-
-
-def excerpt(text, limit=40):
-    "A short quote of what a peer sent, for logs and messages: whatever it sent, a line stays short."
-    text = str(text)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def clipped(text, limit=200):
-    "text, cut to limit characters: a rejection quotes what it rejects, never at length."
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def server_message(text):
@@ -2488,7 +2488,7 @@ class ThermoServer(IPyServer):
                  max_unread=DEFAULT_MAX_UNREAD_MIB << 20):
         super().__init__(*drivers, host=host, port=port, maxconnections=1)
         self.connectionpool = []                    # IPyServer's client side is not used
-        self.maxconnections = self.max_connections = max_connections
+        self.maxconnections = self.max_connections = max_connections    # (IPyServer's name too, kept true)
         self.max_unread = max_unread
         self.failure = None
         self.clients = {}                           # oldest first; the values are unused
@@ -2948,7 +2948,7 @@ class _EndOfStreamReader:
     async def read(self, n=-1):
         data = await self._reader.read(n)
         if not data:
-            raise ConnectionAbortedError("client closed the connection")
+            raise ConnectionAbortedError("the remote server closed the connection")
         return data
 
 
