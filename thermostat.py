@@ -1265,11 +1265,13 @@ class ThermoDriver(IPyDriver):
                 reading = thermostat.step(datetime.now(timezone.utc), measured)
             if not getattr(thermostat.heater, "instant", False):
                 for _ in range(2):          # a failed switch is followed at once by a switch off
+                    if self.stop or not self.connected:
+                        return              # it went while the heater switched (and switched it off)
                     if (on := thermostat.heater_command()) is None:
                         break
                     await self.switch_heater(on)
                 if self.stop or not self.connected:
-                    return                  # it went while the heater switched (and switched it off)
+                    return
                 reading = replace(reading, heater_on=thermostat.heater_on, safety=thermostat.safety)
         except Exception:
             logger.exception("%s: thermostat poll failed", self.device.devicename)

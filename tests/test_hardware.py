@@ -436,6 +436,16 @@ def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
 
 # -- the heater is switched off at every kind of stop ----------------------
 
+class QuietLink:
+    "A driver's link to a server that takes everything and says nothing."
+
+    async def run_tx(self, xmldata):
+        pass
+
+    def shutdown(self):
+        pass
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_switches_the_heater_off(rig, served, signum):
     server, client = heating(rig, served)
@@ -567,13 +577,7 @@ def test_a_hung_sensor_holds_up_neither_shutdown_nor_the_heater_off():
     driver = thermostat.make_driver(poll_interval=0.02, sensor=HungSensor(), heater=Heater(),
                                     hardware_timeout=60)
 
-    class Link:
-        async def run_tx(self, xmldata):
-            pass
-
-        def shutdown(self):
-            pass
-    driver._commsobj = Link()
+    driver._commsobj = QuietLink()
 
     async def run():
         hardware = asyncio.create_task(driver.hardware())
@@ -597,13 +601,7 @@ def test_a_stop_that_cuts_short_a_switch_on_switches_the_heater_off_after_it():
 
     driver = thermostat.make_driver(poll_interval=0.02, target=30, heater=SlowRelay(), hardware_timeout=5)
 
-    class Link:
-        async def run_tx(self, xmldata):
-            pass
-
-        def shutdown(self):
-            pass
-    driver._commsobj = Link()
+    driver._commsobj = QuietLink()
 
     async def run():
         hardware = asyncio.create_task(driver.hardware())
@@ -613,6 +611,41 @@ def test_a_stop_that_cuts_short_a_switch_on_switches_the_heater_off_after_it():
         await asyncio.wait([hardware], timeout=5)
     asyncio.run(run())
     assert told == [False, True, False]     # off at start, the on, then the off after it
+
+
+def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
+    told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
+
+    class Relay:
+        def switch(self, on):
+            if offline.is_set():
+                raise OSError("the smart plug is offline")
+            if not on and slow_off.is_set():
+                in_slow_off.set()
+                time.sleep(0.3)
+            told.append(on)
+
+    driver = thermostat.make_driver(poll_interval=0.05, target=30, heater=Relay(), hardware_timeout=2)
+    driver._commsobj = QuietLink()
+    disconnect = thermostat.ET.fromstring(
+        '<newSwitchVector device="Thermostat" name="CONNECTION"><oneSwitch name="CONNECT">Off</oneSwitch>'
+        '<oneSwitch name="DISCONNECT">On</oneSwitch></newSwitchVector>')
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        offline.set()                       # both an on and the off after it fail: the state is unknown
+        while driver.thermostat.heater_known:
+            await asyncio.sleep(0.01)
+        slow_off.set()
+        offline.clear()                     # the next poll switches off first, then on as regulation wants
+        while not in_slow_off.is_set():
+            await asyncio.sleep(0.01)
+        await driver._readdata(disconnect)
+        await asyncio.sleep(0.2)            # time for a second switch that must not come
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 5)
+    asyncio.run(run())
+    assert True not in told and told[-1] is False
 
 
 # -- the command line ------------------------------------------------------
