@@ -751,11 +751,18 @@ def run_program(argv, timeout):
         try:
             output, errors = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            exited = child.poll() is not None
             try:
                 os.killpg(child.pid, signal.SIGKILL)    # its children too, which would hold the pipes open
             except ProcessLookupError:
                 pass
-            child.communicate()
+            try:
+                child.communicate(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass    # one it started in a session of its own holds them: closed as `with` ends, not awaited
+            if exited:
+                raise TimeoutError(f"{name} exited, but a process it started kept its output open "
+                                   f"beyond {timeout:g} s") from None
             raise TimeoutError(f"{name} did not finish within {timeout:g} s") from None
     if child.returncode != 0:
         said = errors.strip().splitlines()[-1:] or ["no message"]

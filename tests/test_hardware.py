@@ -5,6 +5,7 @@ that says why) and recovers, both limits, SAFETY_STATUS, and the heater
 switched off at every kind of stop."""
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ HEATER_SCRIPT = """#!/bin/sh
 cd "$(dirname "$0")"
 [ -e heater-hangs ] && exec sleep 30
 [ "$1" = on ] && [ -e heater-slow-on ] && { touch switching-on; sleep "$(cat heater-slow-on)"; }
+[ "$1" = on ] && [ -e heater-daemon ] && { setsid sleep 30 & echo $! >> daemon.pids; }
 if [ "$1" = on ] && [ -e heater-fails ]; then echo "on FAILED" >> heater.log; echo "relay jammed" >&2; exit 3; fi
 echo "$1" >> heater.log
 """
@@ -234,6 +236,22 @@ def test_a_hung_heater_command_times_out_and_is_reported(rig, served):
     client.expect(setvector("heatervector", message="the heater switches again"))
     expect_safety(client, "Ok")
     rig.wait_told("off", after=2)
+
+
+def test_a_heater_command_that_leaves_a_process_holding_its_output_does_not_block_the_next_switch(rig, served):
+    rig.flag("heater-daemon")               # its "on" starts a process that keeps the command's output open
+    server = served(*rig.options("--target", "25"))
+    try:
+        deadline = time.monotonic() + 10
+        while len(rig.told()) < 3:
+            assert time.monotonic() < deadline, f"the heater was told nothing after {rig.told()}"
+            time.sleep(0.02)
+        assert rig.told()[:3] == ["off", "on", "off"]      # the on counted as failed, then off at once
+    finally:
+        server.stop()
+        for pid in (rig.folder / "daemon.pids").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_the_maximum_temperature_holds_whatever_the_target(rig, served):
