@@ -581,6 +581,10 @@ class ThermalControl:
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
 
+    def stand_by(self):
+        "Nothing is regulated now (the driver is disconnected): the heater is wanted off."
+        self.heater_wanted = False
+
     def rearm(self):
         "A client's new target acknowledges a heater-on time alarm."
         if self.on_time_alarm:
@@ -899,6 +903,7 @@ class ThermoDriver(IPyDriver):
         self.hardware_timeout = hardware_timeout
         self._sensor_read = self._heater_switch = None     # calls still running in a worker thread
         self._switching = threading.Lock()  # held by a heater switch in a worker thread
+        self.off_failed_at_stop = False     # then the heater may still be on: the exit status says so
         self._published_safety = Safety()
         self.connected = True               # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
@@ -1033,18 +1038,34 @@ class ThermoDriver(IPyDriver):
             return
         self.connected = wanted == ["CONNECT"]
         if not self.connected:
-            await self.switch_heater(False)     # no regulation without a connection: fail safe
-            fault = self.thermostat.heater_fault
-            await self.publish_heater(self.thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else "")
-            status = self.device["SAFETY_STATUS"]
-            for name in ("SENSOR", "HEATER", "LIMITS"):
-                status[name] = "Idle"
-            await self.publish(status, state="Idle")
+            self.thermostat.stand_by()
+            await self.switch_off_while_disconnected(force=True)    # no regulation without a connection
         event.vector["CONNECT"] = "On" if self.connected else "Off"
         event.vector["DISCONNECT"] = "Off" if self.connected else "On"
         await self.publish(event.vector, state="Ok" if self.connected else "Idle")
         temperature = self.device["temperaturevector"]
         await self.publish(temperature, state="Ok" if self.connected else "Idle")
+
+    def heater_known_off(self):
+        return self.thermostat.heater_known and not self.thermostat.heater_on
+
+    async def switch_off_while_disconnected(self, force=False):
+        """Switch the heater off, and show it: SAFETY_STATUS Idle once it is
+        known to be off; until then HEATER Alert, and each poll interval
+        tries again (nothing else runs the heater while disconnected)."""
+        thermostat = self.thermostat
+        before = (thermostat.heater_known, thermostat.heater_on, thermostat.heater_fault)
+        await self.switch_heater(False)
+        if not force and (thermostat.heater_known, thermostat.heater_on, thermostat.heater_fault) == before:
+            return                          # failed again, as already shown
+        fault = thermostat.heater_fault
+        await self.publish_heater(thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else "")
+        status, off = self.device["SAFETY_STATUS"], self.heater_known_off()
+        for name in ("SENSOR", "HEATER", "LIMITS"):
+            status[name] = "Idle"
+        if not off:
+            status["HEATER"] = "Alert"
+        await self.publish(status, state="Idle" if off else "Alert")
 
     async def reject(self, vector, message, level="WARNING"):
         "Answer a request that cannot be carried out: Alert, the values unchanged, and why."
@@ -1244,6 +1265,8 @@ class ThermoDriver(IPyDriver):
             last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
             if self.connected:
                 await self.poll()
+            elif not self.heater_known_off():
+                await self.switch_off_while_disconnected()     # a Disconnect's off failed: try again
 
     async def woken_within(self, delay):
         """True if woken up within delay seconds, False when they have passed.
@@ -1351,13 +1374,18 @@ class ThermoDriver(IPyDriver):
         """Switch the heater off here and now, whatever else is pending: the
         driver is stopping. A switch still running in a worker thread (an on,
         say, that shutdown did not wait for) is let finish first, for at most
-        hardware_timeout: the off must be the last word."""
+        hardware_timeout: the off must be the last word. A failed off is tried
+        once more, and if that fails too the program exits with status 1 (a
+        service manager that restarts it then switches the heater off at start)."""
         in_turn = self._switching.acquire(timeout=self.hardware_timeout)
         try:
-            error = self.thermostat.switch_now(False, datetime.now(timezone.utc))
+            for _ in range(2):
+                if (error := self.thermostat.switch_now(False, datetime.now(timezone.utc))) is None:
+                    break
         finally:
             if in_turn:
                 self._switching.release()
+        self.off_failed_at_stop = error is not None
         if error:
             logger.error("%s: at stop the heater may still be on: switching it off failed: %s",
                          self.device.devicename, why(error))
@@ -1914,10 +1942,12 @@ def main(argv=None, prog="thermostat.py"):
     if _signals_before_serving:
         return 0                        # stopped during start-up: nothing served, nothing logged
     if args.stdio:
-        return run(serve_stdio(driver))
-    server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections,
-                         max_unread=int(args.max_unread * (1 << 20)))
-    return run(serve(server))
+        status = run(serve_stdio(driver))
+    else:
+        server = make_server(driver, host=args.host, port=args.port, max_connections=args.max_connections,
+                             max_unread=int(args.max_unread * (1 << 20)))
+        status = run(serve(server))
+    return 1 if driver.off_failed_at_stop else status
 
 
 def run_command(argv=None, prog="thermostat.py"):

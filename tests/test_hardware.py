@@ -26,6 +26,7 @@ cd "$(dirname "$0")"
 [ "$1" = on ] && [ -e heater-slow-on ] && { touch switching-on; sleep "$(cat heater-slow-on)"; }
 [ "$1" = on ] && [ -e heater-daemon ] && { setsid sleep 30 & echo $! >> daemon.pids; }
 if [ "$1" = on ] && [ -e heater-fails ]; then echo "on FAILED" >> heater.log; echo "relay jammed" >&2; exit 3; fi
+if [ "$1" = off ] && [ -e heater-fails-off ]; then echo "off FAILED" >> heater.log; echo "relay jammed" >&2; exit 3; fi
 echo "$1" >> heater.log
 """
 
@@ -332,6 +333,23 @@ def test_disconnect_switches_the_heater_off_and_safety_goes_idle(rig, served):
     rig.wait_told("on", after=3)
 
 
+def test_a_disconnect_whose_off_fails_shows_the_heater_alert_and_tries_again(rig, served):
+    server, client = heating(rig, served)
+    rig.flag("heater-fails-off")
+    client.send('<newSwitchVector device="Thermostat" name="CONNECTION">'
+                '<oneSwitch name="CONNECT">Off</oneSwitch><oneSwitch name="DISCONNECT">On</oneSwitch>'
+                '</newSwitchVector>')
+    alert = client.expect(setvector("SAFETY_STATUS", "Alert"), what="SAFETY_STATUS in Alert")
+    assert members(alert) == {"SENSOR": "Idle", "HEATER": "Alert", "LIMITS": "Idle"}
+    rig.wait_told("off FAILED", after=3)                # tried again while disconnected
+    rig.flag("heater-fails-off", present=False)
+    client.expect(setvector("SAFETY_STATUS", "Idle"), what="SAFETY_STATUS Idle once the heater is off")
+    assert rig.told()[-1] == "off"
+    client.send('<getProperties version="1.7" device="Thermostat" name="heatervector"/>')
+    shown = client.expect(lambda e: e.tag == "defLightVector" and e.get("name") == "heatervector")
+    assert members(shown)["heater"] == "Idle"
+
+
 def test_a_disconnect_while_the_heater_switches_on_leaves_it_off(rig, served):
     (rig.folder / "heater-slow-on").write_text("0.6\n")
     server = served(*rig.options("--target", "25", "--hardware-timeout", "2"))
@@ -470,6 +488,15 @@ def test_a_signal_switches_the_heater_off(rig, served, signum):
     server.process.send_signal(signum)
     assert server.process.wait(timeout=5) == 0
     assert rig.told() == ["off", "on", "off"]
+
+
+def test_a_stop_whose_off_fails_tries_again_and_exits_with_status_1(rig, served):
+    server, client = heating(rig, served)
+    rig.flag("heater-fails-off")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=5) == 1
+    assert rig.told() == ["off", "on", "off FAILED", "off FAILED"]
+    assert "at stop the heater may still be on" in server.stderr_text()
 
 
 def test_end_of_input_under_stdio_switches_the_heater_off(rig):
