@@ -910,11 +910,17 @@ class ThermoDriver(IPyDriver):
         self.dropped_readings = 0
         self.wake = asyncio.Event()         # ends the wait for a slow sensor's reading (wake_up sets it)
         self._sleep = None                  # the control loop's wait for its next poll (see wake_up)
+        self._poll_now = False              # a poll asked for before the next one due (see poll_now)
         self._sending_files = asyncio.Lock()
         self.refusals = Throttle(limit=20, period=60.0)     # device messages answering unknown requests
 
     def shutdown(self):
         super().shutdown()
+        self.wake_up()
+
+    def poll_now(self):
+        "Have the control loop poll at once, not at the next poll: new limits hold from now."
+        self._poll_now = True
         self.wake_up()
 
     def wake_up(self):
@@ -1010,6 +1016,7 @@ class ThermoDriver(IPyDriver):
             self.thermostat.max_heater_on = values["maxheateron"]
             event.vector["maxheateron"] = f"{values['maxheateron']:g}"
         await self.publish(event.vector, state="Ok")
+        self.poll_now()                     # a limit the heater is already beyond switches it off now
 
     async def checked_number(self, event, member):
         """The member's value, within the range its property declares (which
@@ -1257,12 +1264,15 @@ class ThermoDriver(IPyDriver):
         loop = asyncio.get_running_loop()
         last_poll = loop.time()
         while not self.stop:
-            delay = last_poll + self.poll_interval - loop.time()
+            delay = 0 if self._poll_now else last_poll + self.poll_interval - loop.time()
             if delay > 0 and await self.woken_within(delay):
-                continue                    # shutdown, or a new poll interval: plan again
+                continue                    # shutdown, a new poll interval or a poll asked for: plan again
             # Polls keep to a fixed schedule (the time a poll takes does not add up into drift),
-            # unless a whole interval was missed: then the schedule starts afresh from now.
-            last_poll = last_poll + self.poll_interval if delay > -self.poll_interval else loop.time()
+            # unless a whole interval was missed or a poll was asked for: then it starts afresh from now.
+            if self._poll_now or delay <= -self.poll_interval:
+                last_poll, self._poll_now = loop.time(), False
+            else:
+                last_poll += self.poll_interval
             if self.connected:
                 await self.poll()
             elif not self.heater_known_off():

@@ -693,6 +693,29 @@ def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     assert True not in told and told[-1] is False
 
 
+def test_new_limits_hold_at_once_not_at_the_next_poll():
+    bench = Bench(30)
+    driver = thermostat.make_driver(poll_interval=60, target=40, sensor=bench, heater=bench)
+    driver._commsobj = QuietLink()
+
+    def limit(maximum):
+        return thermostat.ET.fromstring(new_number("Thermostat", "limitsvector", "maxtemperature", maximum))
+
+    async def until(told):
+        while bench.told != told:
+            await asyncio.sleep(0.01)
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        await driver._readdata(limit("50"))
+        await asyncio.wait_for(until([False, True]), 2)     # off at start, then on: 30 is below 40 and 50
+        await driver._readdata(limit("20"))
+        await asyncio.wait_for(until([False, True, False]), 2)     # above the new maximum: off, now
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 5)
+    asyncio.run(run())
+
+
 # -- the command line ------------------------------------------------------
 
 def run(*options):
