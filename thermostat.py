@@ -1998,7 +1998,7 @@ READ_SIZE = 65536                   # from indiserver, on a driver's stdin
 CLIENT_READ_SIZE = 4096             # from a client: its input between two turns of everyone else's
 
 NEW_TAGS = frozenset({"newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector"})
-INDI_TAGS = NEW_TAGS | DEVICE_TAGS | {"getProperties", "enableBLOB"}
+INDI_TAGS = NEW_TAGS | DEVICE_TAGS | {"getProperties", "enableBLOB", "pingRequest"}
 BLOB_MODES = ("Never", "Also", "Only")
 
 
@@ -2570,6 +2570,7 @@ class ThermoServer(IPyServer):
         super().add_exdriver(program, *args, debug_enable=debug_enable)
         executable = self.exdrivers[-1]
         executable._commsobj = _DeviceLink(self, executable)
+        answer_pings(executable)
         self._links.append(executable._commsobj)
 
     # -- routing ------------------------------------------------------------
@@ -2586,6 +2587,8 @@ class ThermoServer(IPyServer):
         if tag == "getProperties":
             client.asked = True
             name = element.get("name")
+            if device == "*":       # libindi's indiserver chained to this one ("@host"): everything
+                device, element = None, ET.Element("getProperties", version=element.get("version", "1.7"))
             if device is None:
                 client.all_devices = True
                 self._routes.clear()
@@ -2620,6 +2623,8 @@ class ThermoServer(IPyServer):
                 client.interested(device, name)
                 client.blobs[device if name is None else (device, name)] = setting
                 self._routes.clear()
+        elif tag == "pingRequest":                  # as indiserver: the server answers it itself
+            client.send(serialize(ET.Element("pingReply", uid=element.get("uid", ""))))
         elif tag in DEVICE_TAGS:
             logger.warning("client %s: ignored <%s> for %s: a client may ask (getProperties, enableBLOB, "
                            "new*Vector), only a device may send this", client.address, tag,
@@ -2905,7 +2910,8 @@ def check_foundation():
     "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
     needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"), (IPyDriver, "send"),
               (IPyDriver, "_monitorsnoop"), (IPyServer, "shutdown"), (IPyServer, "add_exdriver"),
-              (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (ExDriver, "_readdata")]
+              (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (ExDriver, "_readdata"),
+              (ExDriver, "_dispatch_xml"), (ExDriver, "xml_to_ext")]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed
                if not hasattr(owner, name)]
     probe = NumberVector("probe", "probe", "probe", "ro", "Ok", [])
@@ -2984,6 +2990,21 @@ async def _no_snoop_monitor(driver):
 
 
 ThermoDriver._monitorsnoop = _no_snoop_monitor
+
+
+def answer_pings(exdriver):
+    """libindi's drivers (1.9.9) send a <pingRequest> after each BLOB and no
+    other BLOB until the server answers it; indipyserver 0.0.6's ExDriver
+    drops it, so a camera under add_exdriver sent one image and then nothing
+    more. As indiserver does, the server answers it itself."""
+    dispatch = exdriver._dispatch_xml
+
+    async def dispatch_answering_pings(xmldata):
+        if xmldata.tag == "pingRequest":
+            await exdriver.xml_to_ext(ET.Element("pingReply", uid=xmldata.get("uid", "")))
+        else:
+            await dispatch(xmldata)
+    exdriver._dispatch_xml = dispatch_answering_pings
 
 
 class _EndOfStreamReader:

@@ -10,7 +10,7 @@ from indipydriver import IPyDriver
 from indipyserver import IPyServer
 
 import thermostat
-from conftest import ServerProcess, cpu_seconds, free_port, new_switch, tagged
+from conftest import ServerProcess, cpu_seconds, free_port, new_number, new_switch, tagged
 
 
 def test_server_stays_idle_after_clients_disconnect():
@@ -218,3 +218,26 @@ def test_an_element_beyond_the_bound_is_discarded_and_parsing_goes_on():
     assert stream.feed(b'<newBLOBVector device="T" name="big"><oneBLOB name="b">' + b"A" * 2000) == []
     assert stream._held == 0
     assert [e.get("name") for e in stream.feed(GET % b"after")] == ["after"]
+
+
+def test_a_libindi_camera_under_add_exdriver_sends_every_image(in_process):
+    "libindi's drivers wait for the server's answer to a ping after each BLOB before the next one."
+    server = thermostat.make_server(port=free_port())
+    server.add_exdriver("indi_simulator_ccd")
+    running = in_process(server)
+    client = running.client()
+    device = "CCD Simulator"
+    deadline = time.monotonic() + 10
+    while not any(e.get("name") == "CONNECTION" for e in client.received):
+        assert time.monotonic() < deadline, "the camera was never defined"
+        client.send(f'<getProperties version="1.7" device="{device}"/>')
+        client._read_some(time.monotonic() + 0.5)
+    client.send(f'<enableBLOB device="{device}">Also</enableBLOB>')
+    client.send(f'<newSwitchVector device="{device}" name="CONNECTION"><oneSwitch name="CONNECT">On</oneSwitch>'
+                '</newSwitchVector>')
+    client.expect(tagged("defNumberVector", device, "CCD_EXPOSURE"), timeout=10)
+    for _ in range(2):
+        client.send(new_number(device, "CCD_EXPOSURE", "CCD_EXPOSURE_VALUE", "0.01"))
+        image = client.expect(tagged("setBLOBVector", device, "CCD1"), timeout=10)
+        assert len(image.find("oneBLOB").text or "") > 1000000
+    client.close()

@@ -234,6 +234,19 @@ def test_indiserver_chains_to_a_remote_thermostat(served, indiserver):
     assert size == len(content) and content.startswith(b"timestamp,temperature\n")
 
 
+def test_indiserver_chained_for_all_devices_sees_the_thermostat(served, indiserver):
+    "indiserver \"@host:port\" asks with getProperties device=\"*\": everything, as libindi's servers answer it."
+    remote = served()
+    relay = indiserver(f"@127.0.0.1:{remote.port}")
+    deadline = time.monotonic() + 10
+    while True:
+        got = subprocess.run(["indi_getprop", "-p", str(relay.port), "-t", "1", "Thermostat.targetvector.target"],
+                             capture_output=True, text=True)
+        if got.returncode == 0 or time.monotonic() > deadline:
+            break
+    assert got.stdout.strip() == "Thermostat.targetvector.target=15.00", got.stderr
+
+
 def test_ipyserver_relays_a_remote_thermostat_and_waits_quietly_while_it_is_down(tmp_path):
     remote = ServerProcess(*FAST)
     relay_port = free_port()

@@ -470,6 +470,12 @@ def test_a_client_that_asks_for_a_device_not_yet_defined_gets_it_once_it_is(in_p
     client.close()
 
 
+def test_a_ping_is_answered_as_indiserver_answers_it(served):
+    client = served().client()
+    client.send('<pingRequest uid="abc-1"/>')
+    assert client.expect(lambda e: e.tag == "pingReply").get("uid") == "abc-1"
+
+
 def test_executable_drivers_are_routed_too(in_process):
     "make_server still takes add_exdriver: its device answers requests like a local one."
     server = thermostat.make_server(port=free_port())
