@@ -2621,6 +2621,9 @@ class ThermoServer(IPyServer):
             else:
                 client.asked = True
                 client.interested(device, name)
+                if name is None:            # as indiserver: a device's setting replaces its vectors' own
+                    for key in [key for key in client.blobs if isinstance(key, tuple) and key[0] == device]:
+                        del client.blobs[key]
                 client.blobs[device if name is None else (device, name)] = setting
                 self._routes.clear()
         elif tag == "pingRequest":                  # as indiserver: the server answers it itself

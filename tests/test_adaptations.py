@@ -26,9 +26,9 @@ def test_server_stays_idle_after_clients_disconnect():
             client.close()
         time.sleep(0.2)
         before = cpu_seconds(server.process.pid)
-        time.sleep(5)
+        time.sleep(2)                   # the window measured: spinning, the server takes all of it
         used = cpu_seconds(server.process.pid) - before
-        assert used < 0.25, f"server used {used:.2f} s of CPU in 5 s while idle"
+        assert used < 0.1, f"server used {used:.2f} s of CPU in 2 s while idle"
     finally:
         assert server.stop() == 0
 

@@ -19,7 +19,7 @@ import pytest
 from indipydriver import IPyDriver, Device, TextVector, TextMember
 
 import thermostat
-from conftest import FAST, ServerProcess, free_port, new_number, rss_mib, tagged, wait_until
+from conftest import FAST, ServerProcess, free_port, new_number, new_switch, rss_mib, tagged, wait_until
 
 GET_ALL = '<getProperties version="1.7"/>'
 
@@ -385,6 +385,17 @@ def test_what_a_client_sends_builds_a_bounded_amount(served, attack):
     print(f"{attack}: {len(ATTACKS[attack]) >> 20} MiB sent, the server grew {grown:.1f} MiB")
     assert grown < 20
     assert "skipping to the next INDI element" in server.stderr_text()
+
+
+def test_a_devices_blob_setting_replaces_those_of_its_vectors(served):
+    server = served()
+    client = server.client()
+    client.send(GET_ALL)
+    client.send('<enableBLOB device="Thermostat" name="logsvector">Never</enableBLOB>')
+    client.send('<enableBLOB device="Thermostat">Also</enableBLOB>')      # as setBLOBMode(mode, device) does
+    client.send(new_number("Thermostat", "logperiodvector", "logperiod", "0.2"))
+    client.send(new_switch("Thermostat", "switchvector", "switchmember", "On"))
+    client.expect(tagged("setBLOBVector", "Thermostat", "logsvector"), timeout=5)
 
 
 def test_blob_settings_are_kept_only_for_devices_that_exist(in_process, caplog):
