@@ -2913,7 +2913,8 @@ def check_foundation():
     "Fail loudly, at start-up, if an internal that an adaptation relies on has changed."
     needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"), (IPyDriver, "send"),
               (IPyDriver, "_monitorsnoop"), (IPyServer, "shutdown"), (IPyServer, "add_exdriver"),
-              (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (ExDriver, "_readdata"),
+              (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (RemoteConnection, "warning"),
+              (ExDriver, "_readdata"),
               (ExDriver, "_dispatch_xml"), (ExDriver, "xml_to_ext")]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed
                if not hasattr(owner, name)]
@@ -3109,11 +3110,16 @@ class _RelayingRemoteConnection(RemoteConnection):
     """indipyserver 0.0.6's link to a remote server reads a closed link
     forever (12 CPU-seconds while the far end was down, in one measurement).
     End of stream here is a lost connection, which it already retries every
-    5 s."""
+    5 s. Each try also sent every client four messages ("Attempting to
+    connect", "Connection refused", ...): they are logged only, and clients
+    are told once when the link is lost and once when it is made again."""
 
     async def _run_rx(self):
         self._reader = _EndOfStreamReader(self._reader)
         await super()._run_rx()
+
+    async def warning(self, message):
+        logging.getLogger("indipyserver.remote").warning("%s", message)
 
 
 if __name__ == "__main__":

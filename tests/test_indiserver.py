@@ -259,11 +259,18 @@ def test_ipyserver_relays_a_remote_thermostat_and_waits_quietly_while_it_is_down
         wait_for_port(relay_port)
         size, content = relayed_updates(relay_port)
         assert size == len(content) and content.startswith(b"timestamp,temperature\n")
+        watcher = IndiClient(relay_port)
+        watcher.send('<getProperties version="1.7"/>')
+        watcher.expect(tagged("setNumberVector", name="temperaturevector"))
         remote.stop()
         time.sleep(0.5)
         before = cpu_seconds(relay.pid)
         time.sleep(3)
         assert cpu_seconds(relay.pid) - before < 0.2, "the relay spins while the remote is down"
+        watcher._read_some(time.monotonic() + 0.2)
+        said = [e.get("message") for e in watcher.received if e.tag == "message"]
+        assert [m for m in said if "lost" in m] and len(said) == 1, f"clients are told once, not at each try: {said}"
+        watcher.close()
         # the remote comes back on its port: the relay reconnects (it retries every 5 s)
         back = subprocess.Popen([sys.executable, str(ROOT / "thermostat.py"), "--port", str(remote.port), *FAST],
                                 stderr=subprocess.DEVNULL)
