@@ -234,6 +234,13 @@ def in_process():
         running.stop()
 
 
+def exdriver_client(in_process, *command):
+    "A client of a server built by make_server, run in this process, serving one executable driver."
+    server = thermostat.make_server(port=free_port())
+    server.add_exdriver(*command)
+    return in_process(server).client()
+
+
 def _keep_indi_config_in(folder, monkeypatch):
     monkeypatch.setenv("HOME", str(folder))     # indiserver unsets INDICONFIG for drivers started by FIFO
     monkeypatch.setenv("INDICONFIG", str(folder / "indi_config.xml"))

@@ -10,7 +10,7 @@ from indipydriver import IPyDriver
 from indipyserver import IPyServer
 
 import thermostat
-from conftest import ServerProcess, cpu_seconds, free_port, new_number, new_switch, tagged
+from conftest import ServerProcess, cpu_seconds, exdriver_client, free_port, new_number, new_switch, tagged
 
 
 def test_server_stays_idle_after_clients_disconnect():
@@ -222,10 +222,7 @@ def test_an_element_beyond_the_bound_is_discarded_and_parsing_goes_on():
 
 def test_a_libindi_camera_under_add_exdriver_sends_every_image(in_process):
     "libindi's drivers wait for the server's answer to a ping after each BLOB before the next one."
-    server = thermostat.make_server(port=free_port())
-    server.add_exdriver("indi_simulator_ccd")
-    running = in_process(server)
-    client = running.client()
+    client = exdriver_client(in_process, "indi_simulator_ccd")
     device = "CCD Simulator"
     deadline = time.monotonic() + 10
     while not any(e.get("name") == "CONNECTION" for e in client.received):

@@ -19,7 +19,7 @@ import pytest
 from indipydriver import IPyDriver, Device, TextVector, TextMember
 
 import thermostat
-from conftest import FAST, ServerProcess, free_port, new_number, new_switch, rss_mib, tagged, wait_until
+from conftest import FAST, ServerProcess, exdriver_client, free_port, new_number, new_switch, rss_mib, tagged, wait_until
 
 GET_ALL = '<getProperties version="1.7"/>'
 
@@ -471,10 +471,8 @@ def test_a_client_never_speaks_for_a_relayed_or_unknown_device(in_process, caplo
 
 def test_a_client_that_asks_for_a_device_not_yet_defined_gets_it_once_it_is(in_process):
     "A remote that is down, or an executable driver still starting: the client's request is remembered."
-    server = thermostat.make_server(port=free_port())
-    server.add_exdriver("sh", "-c", "sleep 0.5; exec indi_thermostat --device Late --poll-interval 0.05")
-    running = in_process(server)
-    client = running.client()
+    client = exdriver_client(in_process, "sh", "-c",
+                             "sleep 0.5; exec indi_thermostat --device Late --poll-interval 0.05")
     client.send('<getProperties version="1.7" device="Late"/>')       # before Late is defined
     client.expect(tagged("defNumberVector", "Late", "temperaturevector"), timeout=10)
     client.expect(tagged("setNumberVector", "Late", "temperaturevector"), timeout=5)
@@ -489,10 +487,7 @@ def test_a_ping_is_answered_as_indiserver_answers_it(served):
 
 def test_executable_drivers_are_routed_too(in_process):
     "make_server still takes add_exdriver: its device answers requests like a local one."
-    server = thermostat.make_server(port=free_port())
-    server.add_exdriver("indi_thermostat", "--device", "Outside")
-    running = in_process(server)
-    client = running.client()
+    client = exdriver_client(in_process, "indi_thermostat", "--device", "Outside")
     deadline = time.monotonic() + 10
     while not any(e.get("name") == "targetvector" for e in client.received):
         assert time.monotonic() < deadline, "the executable driver's device was never defined"
