@@ -510,6 +510,11 @@ class ThermalControl:
         return abs(self.temperature - self.target) <= HYSTERESIS
 
     @property
+    def known_off(self):
+        "True once the heater was last switched off, and successfully."
+        return self.heater_known and not self.heater_on
+
+    @property
     def safety(self):
         if self.on_time_alarm:
             limit = (f"the heater ran {self.max_heater_on:g} s without a break: it stays off until "
@@ -1053,9 +1058,6 @@ class ThermoDriver(IPyDriver):
         temperature = self.device["temperaturevector"]
         await self.publish(temperature, state="Ok" if self.connected else "Idle")
 
-    def heater_known_off(self):
-        return self.thermostat.heater_known and not self.thermostat.heater_on
-
     async def switch_off_while_disconnected(self, force=False):
         """Switch the heater off, and show it: SAFETY_STATUS Idle once it is
         known to be off; until then HEATER Alert, and each poll interval
@@ -1067,7 +1069,7 @@ class ThermoDriver(IPyDriver):
             return                          # failed again, as already shown
         fault = thermostat.heater_fault
         await self.publish_heater(thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else "")
-        status, off = self.device["SAFETY_STATUS"], self.heater_known_off()
+        status, off = self.device["SAFETY_STATUS"], thermostat.known_off
         for name in ("SENSOR", "HEATER", "LIMITS"):
             status[name] = "Idle"
         if not off:
@@ -1275,7 +1277,7 @@ class ThermoDriver(IPyDriver):
                 last_poll += self.poll_interval
             if self.connected:
                 await self.poll()
-            elif not self.heater_known_off():
+            elif not self.thermostat.known_off:
                 await self.switch_off_while_disconnected()     # a Disconnect's off failed: try again
 
     async def woken_within(self, delay):
@@ -1305,13 +1307,11 @@ class ThermoDriver(IPyDriver):
                 reading = thermostat.step(datetime.now(timezone.utc), measured)
             if not getattr(thermostat.heater, "instant", False):
                 for _ in range(2):          # a failed switch is followed at once by a switch off
-                    if self.stop or not self.connected:
-                        return              # it went while the heater switched (and switched it off)
                     if (on := thermostat.heater_command()) is None:
                         break
                     await self.switch_heater(on)
-                if self.stop or not self.connected:
-                    return
+                    if self.stop or not self.connected:
+                        return              # it went while the heater switched (and switched it off)
                 reading = replace(reading, heater_on=thermostat.heater_on, safety=thermostat.safety)
         except Exception:
             logger.exception("%s: thermostat poll failed", self.device.devicename)
@@ -2914,8 +2914,7 @@ def check_foundation():
     needed = [(IPyDriver, "_readdata"), (IPyDriver, "_client_tags"), (IPyDriver, "send"),
               (IPyDriver, "_monitorsnoop"), (IPyServer, "shutdown"), (IPyServer, "add_exdriver"),
               (RemoteConnection, "_run_rx"), (RemoteConnection, "_readdata"), (RemoteConnection, "warning"),
-              (ExDriver, "_readdata"),
-              (ExDriver, "_dispatch_xml"), (ExDriver, "xml_to_ext")]
+              (ExDriver, "_readdata"), (ExDriver, "_dispatch_xml"), (ExDriver, "xml_to_ext")]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed
                if not hasattr(owner, name)]
     probe = NumberVector("probe", "probe", "probe", "ro", "Ok", [])
@@ -3119,7 +3118,7 @@ class _RelayingRemoteConnection(RemoteConnection):
         await super()._run_rx()
 
     async def warning(self, message):
-        logging.getLogger("indipyserver.remote").warning("%s", message)
+        logging.getLogger("indipyserver.remote").warning(message)    # as indipyserver logs it
 
 
 if __name__ == "__main__":
