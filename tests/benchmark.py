@@ -371,8 +371,8 @@ def run(args, chosen):
                 p50[subject.label] = statistics.median(measured)
             for label in p50:
                 ratios[label].append(p50[label] / p50[REFERENCE])
-            print("  cycle %d: %s" % (cycle + 1, ", ".join(f"{label} {p50[label] * 1e3:.3f} ms" for label in p50)),
-                  flush=True)
+            cycle_p50s = ", ".join(f"{label} {p50[label] * 1e3:.3f} ms" for label in p50)
+            print(f"  cycle {cycle + 1}: {cycle_p50s}", flush=True)
         for subject in chosen:
             ordered = sorted(times[subject.label])
             subject.rows.update(p50=statistics.median(ordered), p99=ordered[int(len(ordered) * 0.99) - 1],
@@ -388,7 +388,7 @@ def run(args, chosen):
         for idler in idlers:
             idler.stdout.readline()
         elapsed = time.monotonic() - started
-        for (subject, _), process, cpu in zip(servers, processes, before):
+        for (subject, _), process, cpu in zip(servers, processes, before, strict=False):
             used = tree_cpu_seconds(process.pid) - cpu
             subject.rows.update(cpu_s=used, cpu=used / elapsed * 100, rss=tree_rss_mib(process.pid))
         for idler in idlers:
@@ -432,7 +432,7 @@ def run(args, chosen):
             subject.rows["fan"][clients] = dict(
                 rate=statistics.median(rate for rate, _, _, _ in results), every=all(e for _, e, _, _ in results),
                 cpu=statistics.median(cpus), low=min(cpus), high=max(cpus),
-                ratios=[cpu / reference for cpu, reference in zip(cpus, reference_cpus)],
+                ratios=[cpu / reference for cpu, reference in zip(cpus, reference_cpus, strict=False)],
                 cost=statistics.median(cost for _, _, _, cost in results))
 
 
@@ -446,7 +446,7 @@ async def wake(rate, seconds):
     for _ in range(int(rate * seconds)):
         next_wake += 1 / rate
         await asyncio.sleep(next_wake - loop.time())
-thermostat.run(wake(float(sys.argv[1]), float(sys.argv[2])))
+thermostat.run_event_loop(wake(float(sys.argv[1]), float(sys.argv[2])))
 """
 
 
@@ -468,7 +468,7 @@ def run_wake_ups(args):
         wakers["C (clock_nanosleep)"] = [CLIENT[0], "tick"]
     print(f"wake-ups at {args.rate}/s, {args.fan_repeats} times interleaved", flush=True)
     runs = {label: [] for label in wakers}
-    for repeat in range(args.fan_repeats):
+    for _ in range(args.fan_repeats):
         for label, command in wakers.items():
             runs[label].append(wake_ups([*command, str(args.rate), str(args.fan_seconds + 3)], args.fan_seconds))
             print(f"  {label}: CPU {runs[label][-1]:.2f}%", flush=True)

@@ -1,5 +1,6 @@
-"""Shared test helpers: a raw INDI client, and thermostats served two ways
-(a `python thermostat.py` process, or a ThermoServer in a thread)."""
+"""Shared test helpers: a raw INDI client, thermostats served two ways
+(a `python thermostat.py` process, or an IndiServer in a thread), and one
+poll of a model on instant hardware."""
 
 import asyncio
 import base64
@@ -31,6 +32,24 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def instant_poll(control, hardware, now, log=None):
+    """One poll at time now with instant hardware (thermostat.Hardware), in the
+    order ThermoDriver.poll makes it: read, step, log, then switch as the model
+    asks (a failed switch followed by an off); the reading as it then stands."""
+    try:
+        measured = hardware.sensor.read()
+    except Exception as exc:
+        measured = exc
+    reading = control.step(now, measured)
+    if log is not None:
+        log.record(reading)
+    for _ in range(2):
+        if (on := control.heater_command()) is None:
+            break
+        hardware.switch_now(control, on, now)
+    return control.reading(now)
 
 
 def wait_until(condition, timeout=10.0, what="the condition"):
@@ -77,7 +96,7 @@ class IndiClient:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(1 << 16)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         if not data:
             raise ConnectionError("server closed the connection")

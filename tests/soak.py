@@ -42,7 +42,7 @@ def serve(port, log_dir, poll_interval):
     thermostat.logger.setLevel("WARNING")      # not a line per file sent: a week has 2016
     driver = thermostat.make_driver(poll_interval=poll_interval, log_period=poll_interval * POLLS_PER_FILE,
                                     log_dir=log_dir, config=None)
-    return asyncio.run(thermostat.serve(thermostat.make_server(driver, port=port)))
+    return asyncio.run(thermostat.serve_until_stopped(thermostat.make_server(driver, port=port)))
 
 
 class Client:
@@ -102,7 +102,7 @@ def check(client, samples, log_dir, max_growth):
     "Return a list of (check, passed, detail)."
     rows = logged_rows(log_dir)
     timestamps = [t for t, _ in rows]
-    steps = {round(abs(float(b) - float(a)), 2) for (_, a), (_, b) in zip(rows, rows[1:])}
+    steps = {round(abs(float(b) - float(a)), 2) for (_, a), (_, b) in zip(rows, rows[1:], strict=False)}
     logged = set(rows)
     # live readings from the first logged one on: those queued before logging began are not logged
     live = [r for r in client.readings if rows and r[0] >= rows[0][0]]

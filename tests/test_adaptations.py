@@ -10,12 +10,20 @@ from indipydriver import IPyDriver
 from indipyserver import IPyServer
 
 import thermostat
-from conftest import ServerProcess, cpu_seconds, exdriver_client, free_port, new_number, new_switch, tagged
+from conftest import (
+    ServerProcess,
+    cpu_seconds,
+    exdriver_client,
+    free_port,
+    new_number,
+    new_switch,
+    tagged,
+)
 
 
 def test_server_stays_idle_after_clients_disconnect():
     """indipyserver 0.0.6 spins at 100% CPU after a client closes its connection
-    cleanly; ThermoServer must not. A clean close needs a client that has read
+    cleanly; IndiServer must not. A clean close needs a client that has read
     everything (unread data makes the kernel reset the connection instead)."""
     server = ServerProcess()             # default 10 s poll: an idle server
     try:
@@ -111,7 +119,7 @@ def test_a_message_is_sent_once_not_with_every_later_update():
 
     async def exchange():
         await driver.reject(vector, "target must be a number from -50 to 99; received 'x'")
-        await driver.publish(vector, state="Ok")
+        await vector.send_setVector(message="", state="Ok")
         await vector.send_defVector()
     asyncio.run(exchange())
     assert [xml.get("message") for xml in recorder.sent] == [
@@ -123,7 +131,7 @@ def test_a_request_of_the_wrong_type_is_answered_not_fatal():
     recorder = Recorder(driver)
     import xml.etree.ElementTree as ET
     request = ET.fromstring(new_switch("Thermostat", "targetvector", "target", "On"))
-    asyncio.run(driver._readdata(request))
+    asyncio.run(thermostat.hand_to_driver(driver, request))
     (reply,) = recorder.sent
     assert reply.get("state") == "Alert" and "does not apply" in reply.get("message")
 
@@ -131,7 +139,7 @@ def test_a_request_of_the_wrong_type_is_answered_not_fatal():
 def test_an_exception_in_a_handler_is_answered_and_the_server_keeps_serving(in_process, monkeypatch):
     def broken(self, now):
         raise RuntimeError("sensor unplugged")
-    monkeypatch.setattr(thermostat.ThermalControl, "start_logging", broken)
+    monkeypatch.setattr(thermostat.TemperatureLog, "start", broken)
     driver = thermostat.make_driver(poll_interval=0.05)
     running = in_process(thermostat.make_server(driver, port=free_port()))
     client = running.client()

@@ -28,15 +28,15 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
     logged = []
     step = driver.thermostat.step
 
-    def recording_step(now):
-        reading = step(now)
-        if driver.thermostat.logging:
+    def recording_step(now, measured):
+        reading = step(now, measured)
+        if driver.templog.logging:
             logged.append(f"{thermostat.indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
         return reading
     driver.thermostat.step = recording_step
 
     async def run():
-        driver.thermostat.start_logging(thermostat.datetime.now(thermostat.timezone.utc))
+        driver.templog.start(thermostat.datetime.now(thermostat.timezone.utc))
         hardware = asyncio.create_task(driver.hardware())
         await asyncio.sleep(1.5)
         driver.shutdown()
@@ -47,7 +47,7 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
     assert len(logged) > 100, "the thermostat kept its pace regardless"
     sent_rows = [row for xml in link.sent if xml.tag == "setBLOBVector"
                  for row in base64.b64decode(xml.find("oneBLOB").text).decode().splitlines()[1:]]
-    unsent_rows = [row for logfile in driver.thermostat.backlog for row in logfile.rows]
+    unsent_rows = [row for logfile in driver.templog.backlog for row in logfile.rows]
     assert sent_rows + [row.strip() for row in unsent_rows] == logged
     assert len(sent_rows) > 0
 
@@ -55,15 +55,15 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
 def test_refusals_beyond_the_limit_are_counted_in_the_next_one_sent():
     driver = thermostat.make_driver()
     link = SlowLink(driver, delay=0)
-    driver.refusals = thermostat.Throttle(limit=2, period=0.2)
+    driver.answers.refusals = thermostat.Throttle(limit=2, period=0.2)
     request = thermostat.ET.fromstring('<newNumberVector device="Thermostat" name="nosuch">'
                                        '<oneNumber name="x">1</oneNumber></newNumberVector>')
 
     async def run():
         for _ in range(5):
-            await driver._readdata(request)
+            await thermostat.hand_to_driver(driver, request)
         await asyncio.sleep(0.25)
-        await driver._readdata(request)
+        await thermostat.hand_to_driver(driver, request)
     asyncio.run(run())
 
     messages = [xml.get("message") for xml in link.sent if xml.tag == "message"]
@@ -80,7 +80,7 @@ def test_a_failed_config_load_leaves_a_latched_heater_alarm_latched(tmp_path):
     driver.thermostat.on_time_alarm = True          # latched: only a person's new target clears it
     load = thermostat.ET.fromstring('<newSwitchVector device="Thermostat" name="CONFIG_PROCESS">'
                                     '<oneSwitch name="CONFIG_LOAD">On</oneSwitch></newSwitchVector>')
-    asyncio.run(driver._readdata(load))
+    asyncio.run(thermostat.hand_to_driver(driver, load))
     assert driver.device["CONFIG_PROCESS"].state == "Alert"
     assert driver.thermostat.on_time_alarm
 
@@ -91,6 +91,6 @@ def test_config_default_restores_values_make_driver_was_given_beyond_the_usual_r
     SlowLink(driver, delay=0)
     default = thermostat.ET.fromstring('<newSwitchVector device="Thermostat" name="CONFIG_PROCESS">'
                                        '<oneSwitch name="CONFIG_DEFAULT">On</oneSwitch></newSwitchVector>')
-    asyncio.run(driver._readdata(default))
+    asyncio.run(thermostat.hand_to_driver(driver, default))
     assert driver.device["CONFIG_PROCESS"].state == "Ok"
-    assert (driver.poll_interval, driver.thermostat.log_period, driver.thermostat.max_heater_on) == (0.001, 0.05, 0.5)
+    assert (driver.poll_interval, driver.templog.log_period, driver.thermostat.max_heater_on) == (0.001, 0.05, 0.5)

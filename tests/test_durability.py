@@ -17,17 +17,18 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import thermostat
-from conftest import ROOT, IndiClient, free_port, new_number, new_switch, tagged
+from conftest import ROOT, IndiClient, free_port, instant_poll, new_number, new_switch, tagged
 from test_indiserver import IndiServer
-from thermostat import ThermalControl, indi_timestamp, parse_number
+from test_model import Simulated
+from thermostat import TemperatureLog, ThermalControl, indi_timestamp, parse_number
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 DEVICE = "Thermostat"
 THERMOSTAT = [sys.executable, str(ROOT / "thermostat.py")]
 
 
-def polls(control, count, every=1.0, start=START):
-    return [control.step(start + timedelta(seconds=every * i)) for i in range(count)]
+def polls(simulated, count, every=1.0, start=START):
+    return [simulated.poll(start + timedelta(seconds=every * i)) for i in range(count)]
 
 
 def rows_on_disk(folder, pattern="*.csv"):
@@ -59,22 +60,22 @@ def errors(caplog, level=logging.ERROR):
 # -- 2. durable log files -------------------------------------------------------------------------
 
 def test_each_reading_is_on_disk_as_it_is_logged(tmp_path):
-    control = ThermalControl(log_period=3600, log_dir=tmp_path)
-    control.start_logging(START)
+    simulated = Simulated(log_period=3600, log_dir=tmp_path)
+    simulated.log.start(START)
     for count in range(1, 6):
-        reading = control.step(START + timedelta(seconds=count))
+        reading = simulated.poll(START + timedelta(seconds=count))
         (partial,) = tmp_path.glob("*.csv.part")        # not under its final name until complete
         lines = partial.read_text().splitlines()
         assert len(lines) == count + 1 and lines[-1] == row_of(reading)
     assert not list(tmp_path.glob("*.csv"))
-    control.stop_logging()
+    simulated.log.stop()
     assert not list(tmp_path.glob("*.part")) and len(rows_on_disk(tmp_path)) == 5
 
 
 def test_what_a_crash_left_is_completed_at_start_never_duplicated(tmp_path):
-    control = ThermalControl("Lab", log_period=3600, log_dir=tmp_path)
-    control.start_logging(START)
-    readings = polls(control, 4)
+    simulated = Simulated("Lab", log_period=3600, log_dir=tmp_path)
+    simulated.log.start(START)
+    readings = polls(simulated, 4)
     (partial,) = tmp_path.glob("*.part")
     with open(partial, "ab") as torn:                   # the crash came mid-row
         torn.write(b"2026-01-01T00:00:04,1")
@@ -82,10 +83,10 @@ def test_what_a_crash_left_is_completed_at_start_never_duplicated(tmp_path):
     empty.write_bytes(b"timestamp,temp")                # a crash before the first row was whole
     other = tmp_path / "Cellar-2026-01-01T00-00-00.000000.csv.part"
     other.write_bytes(b"timestamp,temperature\n")        # another device's: not ours to touch
-    ThermalControl("Lab", log_dir=tmp_path)             # the next start
+    TemperatureLog("Lab", log_dir=tmp_path)             # the next start
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, partial.name.removesuffix(".part")]
     assert rows_on_disk(tmp_path, "Lab-*.csv") == [row_of(r) for r in readings]
-    ThermalControl("Lab", log_dir=tmp_path)             # and again: nothing changes
+    TemperatureLog("Lab", log_dir=tmp_path)             # and again: nothing changes
     assert rows_on_disk(tmp_path, "Lab-*.csv") == [row_of(r) for r in readings]
 
 
@@ -135,19 +136,20 @@ def fill(folder):
 
 def test_a_full_disk_keeps_rows_in_memory_and_writes_them_when_space_is_back(small_disk, caplog):
     logs = small_disk / "logs"
-    control = ThermalControl(log_period=20, log_dir=logs)
-    control.start_logging(START)
-    before = polls(control, 10)
+    simulated = Simulated(log_period=20, log_dir=logs)
+    control, log = simulated.control, simulated.log
+    log.start(START)
+    before = polls(simulated, 10)
     filler = fill(small_disk)
     with caplog.at_level(logging.INFO, logger="thermostat"):
-        during = polls(control, 200, start=START + timedelta(seconds=10))   # 10 files' worth
+        during = polls(simulated, 200, start=START + timedelta(seconds=10))   # 10 files' worth
         assert len(errors(caplog)) == 1 and "No space left on device" in errors(caplog)[0]
-        assert control.temperature != 20.0 and control.writer.failure
+        assert control.temperature != 20.0 and log.writer.failure
         for path in logs.iterdir():                     # what is on disk is whole rows
             assert path.read_bytes().endswith(b"\n")
         filler.unlink()
-        after = polls(control, 5, start=START + timedelta(seconds=210))
-        control.stop_logging()
+        after = polls(simulated, 5, start=START + timedelta(seconds=210))
+        log.stop()
     assert len(errors(caplog)) == 1
     assert [m for m in errors(caplog, logging.WARNING) if "again" in m] == \
         [f"log files are written to {logs} again"]
@@ -158,12 +160,12 @@ def test_a_full_disk_keeps_rows_in_memory_and_writes_them_when_space_is_back(sma
 def test_rows_on_disk_before_a_fault_stay_there_through_it(small_disk):
     "A crash while writing fails loses what waits in memory, never what had reached the disk."
     logs = small_disk / "logs"
-    control = ThermalControl(log_period=3600, log_dir=logs)
-    control.start_logging(START)
-    before = [row_of(r) for r in polls(control, 5)]
+    simulated = Simulated(log_period=3600, log_dir=logs)
+    simulated.log.start(START)
+    before = [row_of(r) for r in polls(simulated, 5)]
     fill(small_disk)
-    polls(control, 300, start=START + timedelta(seconds=5))    # 300 s of failing writes and retries
-    assert control.writer.failure
+    polls(simulated, 300, start=START + timedelta(seconds=5))    # 300 s of failing writes and retries
+    assert simulated.log.writer.failure
     (partial,) = logs.glob("*.part")
     rows = partial.read_text().splitlines()[1:]
     assert rows[:5] == before and partial.read_text().endswith("\n")
@@ -172,19 +174,19 @@ def test_rows_on_disk_before_a_fault_stay_there_through_it(small_disk):
 @pytest.mark.parametrize("fault", ["removed", "replaced by a file"])
 def test_a_folder_removed_or_replaced_loses_nothing(small_disk, caplog, fault):
     logs = small_disk / "logs"
-    control = ThermalControl(log_period=10, log_dir=logs)
-    control.start_logging(START)
-    readings = polls(control, 15)
+    simulated = Simulated(log_period=10, log_dir=logs)
+    simulated.log.start(START)
+    readings = polls(simulated, 15)
     subprocess.run(["rm", "-rf", str(logs)], check=True)
     if fault == "replaced by a file":
         logs.write_text("not a folder")
     with caplog.at_level(logging.INFO, logger="thermostat"):
-        readings += polls(control, 20, start=START + timedelta(seconds=15))
+        readings += polls(simulated, 20, start=START + timedelta(seconds=15))
         assert len(errors(caplog)) == 1, caplog.text
         if fault == "replaced by a file":
             logs.unlink()
-        readings += polls(control, 5, start=START + timedelta(seconds=35))
-        control.stop_logging()
+        readings += polls(simulated, 5, start=START + timedelta(seconds=35))
+        simulated.log.stop()
     assert len(errors(caplog)) == 1 and "written to" in caplog.text
     assert not list(logs.glob("*.part"))
     # all but the file finished before, removed with the folder
@@ -192,16 +194,17 @@ def test_a_folder_removed_or_replaced_loses_nothing(small_disk, caplog, fault):
 
 
 def test_a_read_only_disk_and_rows_waiting_for_it_are_bounded(small_disk, caplog):
-    control = ThermalControl(log_period=10, log_dir=small_disk / "logs")
-    control.writer.max_unwritten = 3 * 300                # three files of ten rows, 282 bytes each
-    control.start_logging(START)
+    simulated = Simulated(log_period=10, log_dir=small_disk / "logs")
+    log = simulated.log
+    log.writer.max_unwritten = 3 * 300                # three files of ten rows, 282 bytes each
+    log.start(START)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     try:
         with caplog.at_level(logging.ERROR, logger="thermostat"):
-            polls(control, 60)
+            polls(simulated, 60)
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-    assert len(control.writer.unwritten) == 3
+    assert len(log.writer.unwritten) == 3
     assert sum("dropped" in message for message in errors(caplog)) == 2
 
 
@@ -232,10 +235,10 @@ def test_the_server_keeps_regulating_and_serving_on_a_full_disk(small_disk, serv
 @pytest.mark.parametrize("device", ["Lab/North", "../escape", 'a:b\\c*?"<>|', "CON", "%2F", "x" * 300])
 def test_file_names_stay_inside_the_folder_and_are_valid_everywhere(tmp_path, device):
     logs = tmp_path / "logs"
-    control = ThermalControl(device, log_period=10, log_dir=logs)
-    control.start_logging(START)
-    readings = polls(control, 15)
-    control.stop_logging()
+    simulated = Simulated(device, log_period=10, log_dir=logs)
+    simulated.log.start(START)
+    readings = polls(simulated, 15)
+    simulated.log.stop()
     assert [p.parent for p in tmp_path.rglob("*") if p.is_file()] == [logs, logs]
     for path in logs.iterdir():
         assert not set(path.name) & set('<>:"/\\|?*') and len(path.name.encode()) < 255
@@ -269,14 +272,15 @@ def test_a_log_dir_that_cannot_be_written_is_one_line_and_a_failure(small_disk, 
 # -- 6. the open file is bounded --------------------------------------------------------------------
 
 def test_the_open_file_is_cut_at_its_size_bound_and_the_log_says_so(caplog):
-    control = ThermalControl(log_period=31 * 86400)     # the longest a client may set
-    control.start_logging(START)
+    simulated = Simulated(log_period=31 * 86400)     # the longest a client may set
+    log = simulated.log
+    log.start(START)
     with caplog.at_level(logging.WARNING, logger="thermostat"):
-        readings = polls(control, 70000, every=0.01)     # POLLING_PERIOD 10 ms, the shortest
-    control.stop_logging()
+        readings = polls(simulated, 70000, every=0.01)     # POLLING_PERIOD 10 ms, the shortest
+    log.stop()
     files = []
-    while logfile := control.next_unsent():
-        control.sent(logfile)
+    while logfile := log.next_unsent():
+        log.sent(logfile)
         files.append(logfile)
     assert len(files) == 3 and all(len(f.content()) <= thermostat.MAX_FILE_BYTES for f in files)
     assert len(files[0].content()) > thermostat.MAX_FILE_BYTES - 100
@@ -331,8 +335,10 @@ class FixedSensor:
 
 @pytest.mark.parametrize("value", [thermostat.TEMPERATURE_MAX + 0.5, thermostat.TEMPERATURE_MIN - 0.5])
 def test_a_reading_outside_the_declared_range_is_refused_not_sent(value):
-    control = ThermalControl(sensor=FixedSensor(value))
-    reading = control.step(datetime.now(timezone.utc))
+    sensor = FixedSensor(value)
+    control = ThermalControl(temperature=math.nan, valid_range=sensor.valid_range)   # a real sensor's
+    hardware = thermostat.Hardware(sensor, thermostat.Simulator())
+    reading = instant_poll(control, hardware, datetime.now(timezone.utc))
     assert "outside the thermostat's range" in control.sensor_fault
     assert not reading.heater_on and math.isnan(reading.temperature)
 

@@ -6,6 +6,7 @@ switched off at every kind of stop."""
 
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import time
 import pytest
 
 import thermostat
-from conftest import FAST, ROOT, free_port, new_number, wait_for_port
+from conftest import FAST, ROOT, free_port, instant_poll, new_number, wait_for_port
 
 HEATER_SCRIPT = """#!/bin/sh
 # records what it was told; fails to switch on while heater-fails exists, hangs while heater-hangs does
@@ -391,9 +392,24 @@ class Bench:
         self.told.append(on)
 
 
+class OnBench:
+    "A model with its hardware (a bench, or a heater with the simulated sensor), polled as the driver does."
+
+    def __init__(self, sensor, heater, log=None, **limits):
+        simulated = isinstance(sensor, thermostat.Simulator)
+        self.model = thermostat.ThermalControl(
+            temperature=sensor.temperature if simulated else math.nan, target=25,
+            valid_range=getattr(sensor, "valid_range", None), **limits)
+        self.hardware = thermostat.Hardware(sensor, heater)
+        self.log = log
+
+    def step(self, now):
+        return instant_poll(self.model, self.hardware, now, self.log)
+
+
 def control_on_bench(value=21.5, **limits):
     bench = Bench(value)
-    return bench, thermostat.ThermalControl(sensor=bench, heater=bench, target=25, **limits)
+    return bench, OnBench(bench, bench, **limits)
 
 
 def at(seconds):
@@ -422,7 +438,7 @@ def test_the_same_value_with_the_heater_off_is_not_stuck():
 
 def test_the_simulated_sensor_warms_with_a_real_heater():
     heater = Bench(None)
-    control = thermostat.ThermalControl(heater=heater, target=25)      # the sensor simulated
+    control = OnBench(thermostat.Simulator(), heater)      # the sensor simulated
     readings = [control.step(at(seconds)).temperature for seconds in range(4)]
     assert heater.told == [True]
     assert readings == sorted(readings) and readings[-1] > readings[0]
@@ -430,14 +446,15 @@ def test_the_simulated_sensor_warms_with_a_real_heater():
 
 def test_refused_readings_are_not_logged_and_the_last_good_value_is_kept():
     bench, control = control_on_bench()
-    control.start_logging(START)
+    log = control.log = thermostat.TemperatureLog()
+    log.start(START)
     control.step(at(0))
     bench.value = OSError("bus error")
     reading = control.step(at(10))
     assert reading.temperature == 21.5 and reading.safety.sensor == "bus error"
     assert not reading.heater_on and bench.told == [True, False]
-    control.stop_logging()
-    (logfile,) = control.backlog
+    log.stop()
+    (logfile,) = log.backlog
     assert len(logfile.rows) == 1
 
 
@@ -448,10 +465,10 @@ def test_the_on_time_alarm_trips_at_max_heater_on_and_rearms_in_band_or_on_a_new
     alarm = control.step(at(3600))
     assert not alarm.heater_on and alarm.safety.alarm and alarm.safety.lights()["LIMITS"] == "Alert"
     assert not control.step(at(7200)).heater_on, "latched"
-    control.rearm()
+    control.model.rearm()
     assert control.step(at(7210)).heater_on
     control.step(at(10810))
-    assert control.on_time_alarm
+    assert control.model.on_time_alarm
     bench.value = 25.0                                   # within the band: re-armed
     assert control.step(at(10820)).safety == thermostat.Safety()
 
@@ -463,7 +480,7 @@ def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
             if on:
                 raise RuntimeError("relay jammed")
     bench = Jammed(21.5)
-    control = thermostat.ThermalControl(sensor=bench, heater=bench, target=25)
+    control = OnBench(bench, bench)
     reading = control.step(at(0))
     assert bench.told == [True, False] and not reading.heater_on
     assert reading.safety.heater == "switching it on failed: relay jammed"
@@ -685,7 +702,7 @@ def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
         offline.clear()                     # the next poll switches off first, then on as regulation wants
         while not in_slow_off.is_set():
             await asyncio.sleep(0.01)
-        await driver._readdata(disconnect)
+        await thermostat.hand_to_driver(driver, disconnect)
         await asyncio.sleep(0.2)            # time for a second switch that must not come
         driver.shutdown()
         await asyncio.wait_for(hardware, 5)
@@ -707,9 +724,9 @@ def test_new_limits_hold_at_once_not_at_the_next_poll():
 
     async def run():
         hardware = asyncio.create_task(driver.hardware())
-        await driver._readdata(limit("50"))
+        await thermostat.hand_to_driver(driver, limit("50"))
         await asyncio.wait_for(until([False, True]), 2)     # off at start, then on: 30 is below 40 and 50
-        await driver._readdata(limit("20"))
+        await thermostat.hand_to_driver(driver, limit("20"))
         await asyncio.wait_for(until([False, True, False]), 2)     # above the new maximum: off, now
         driver.shutdown()
         await asyncio.wait_for(hardware, 5)

@@ -15,8 +15,19 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import thermostat
-from conftest import (FAST, ROOT, IndiClient, ServerProcess, blob_files, cpu_seconds,
-                      free_port, new_number, new_switch, tagged, wait_for_port)
+from conftest import (
+    FAST,
+    ROOT,
+    IndiClient,
+    ServerProcess,
+    blob_files,
+    cpu_seconds,
+    free_port,
+    new_number,
+    new_switch,
+    tagged,
+    wait_for_port,
+)
 from test_peers import getprop, setprop, wait_for_prop
 
 SPEED_UP = ["Thermostat.POLLING_PERIOD.PERIOD_MS=50", "Thermostat.logperiodvector.logperiod=0.5"]
@@ -197,7 +208,7 @@ def test_writes_complete_on_a_non_blocking_socket_shared_by_stdin_and_stdout():
         driver._commsobj = link
         vector = driver.device["logsvector"]
         await thermostat.send_blob(vector, "templogs", content)
-        await driver.publish(driver.device["targetvector"])
+        await driver.device["targetvector"].send_setVector(message="")
     asyncio.run(send())
     ours.shutdown(socket.SHUT_WR)
     reading.join(20)
@@ -253,7 +264,7 @@ def test_ipyserver_relays_a_remote_thermostat_and_waits_quietly_while_it_is_down
     script = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT)!r}); import thermostat\n"
               f"server = thermostat.make_server(port={relay_port})\n"
               f"server.add_remote('127.0.0.1', {remote.port}, blob_enable=True)\n"
-              f"sys.exit(asyncio.run(thermostat.serve(server)))\n")
+              f"sys.exit(asyncio.run(thermostat.serve_until_stopped(server)))\n")
     relay = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     try:
         wait_for_port(relay_port)

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 import thermostat
-from conftest import FAST, ROOT, ServerProcess, free_port, new_number, new_switch, tagged, wait_until
+from conftest import (
+    FAST,
+    ROOT,
+    ServerProcess,
+    free_port,
+    new_number,
+    new_switch,
+    tagged,
+    wait_until,
+)
 
 GET_ALL = '<getProperties version="1.7"/>'
 WHOLE_SECOND = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -120,7 +129,7 @@ def test_the_send_hook_forms_every_message_and_keeps_a_given_level():
         await driver.device.send_device_message(message="[ERROR] the sensor is gone")
         await driver.device.send_device_message(message="[WARNING] too warm")
         await driver.reject(driver.device["targetvector"], "no")
-        await driver.publish(driver.device["temperaturevector"])
+        await driver.device["temperaturevector"].send_setVector(message="")
     asyncio.run(speak())
     assert [e.get("message") for e in sent] == [
         "[INFO] plain news", "[ERROR] the sensor is gone", "[WARNING] too warm", "[WARNING] no", None]
@@ -267,7 +276,8 @@ def test_indiconfig_names_the_file_and_config_and_no_config_choose_otherwise(sta
         server = started(*FAST, *options)
         client = server.client()
         client.send(new_number("Thermostat", "targetvector", "target", "19"))
-        wait_until(lambda: saved_target(path) == "19.00", timeout=5.0, what=f"the target saved in {path}")
+        wait_until(lambda path=path: saved_target(path) == "19.00", timeout=5.0,
+                   what=f"the target saved in {path}")
         client.close()
         server.stop()
         path.unlink()
@@ -282,7 +292,7 @@ def test_indiconfig_names_the_file_and_config_and_no_config_choose_otherwise(sta
 def test_without_indiconfig_the_file_is_in_dot_indi_named_for_the_device(monkeypatch, tmp_path):
     monkeypatch.delenv("INDICONFIG")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert thermostat.make_driver("Cellar").config == tmp_path / ".indi" / "Cellar_config.xml"
+    assert thermostat.make_driver("Cellar").settings.path == tmp_path / ".indi" / "Cellar_config.xml"
 
 
 def test_thermostats_in_one_server_keep_their_own_settings(in_process, tmp_path):
@@ -303,9 +313,9 @@ def test_thermostats_in_one_server_keep_their_own_settings(in_process, tmp_path)
 def test_a_shared_file_keeps_other_devices_entries(indi_config):
     write_config(indi_config, new_number("Other", "targetvector", "target", "30"))
     driver = thermostat.make_driver()
-    driver.save_config()
+    driver.settings.save()
     assert [e.get("device") for e in ET.parse(indi_config).getroot()] == ["Other"] + ["Thermostat"] * len(thermostat.SAVED_PROPERTIES)
-    asyncio.run(driver.load_config_at_start())
+    asyncio.run(driver.settings.load_at_start(driver.log))
     assert driver.thermostat.target == 15.0
 
 
@@ -336,10 +346,10 @@ def test_a_file_that_cannot_be_used_gives_one_warning_and_the_defaults(content, 
     indi_config.write_bytes(content)
     driver = thermostat.make_driver()
     with caplog.at_level(logging.INFO, logger="thermostat"):
-        asyncio.run(driver.load_config_at_start())
+        asyncio.run(driver.settings.load_at_start(driver.log))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(indi_config) in warnings[0].getMessage()
-    assert (driver.thermostat.target, driver.poll_interval, driver.thermostat.log_period) == (15.0, 10.0, 300.0)
+    assert (driver.thermostat.target, driver.poll_interval, driver.templog.log_period) == (15.0, 10.0, 300.0)
     assert not driver.debug_enable and driver.device["CONNECTION"]["CONNECT"] == "On"
 
 
@@ -391,8 +401,11 @@ def test_debug_turns_this_devices_debug_logging_on_and_off(started, indi_config)
 def test_debug_is_saved_and_verbose_turns_it_on(started, indi_config):
     write_config(indi_config, new_switch("Thermostat", "DEBUG", "ENABLE", "On"))
     driver = thermostat.make_driver()
-    asyncio.run(driver.load_config_at_start())
-    assert driver.debug_enable and driver.device["DEBUG"]["ENABLE"] == "On"
+    asyncio.run(driver.settings.load_at_start(driver.log))
+    try:
+        assert driver.debug_enable and driver.device["DEBUG"]["ENABLE"] == "On"
+    finally:
+        driver.debug.set(False)     # DEBUG lowers a process-wide logger: leave it as it was found
     client = started(*FAST, "--no-config", "-v").client()
     client.send(GET_ALL)
     assert member(definitions(client, "DEBUG")[0], "ENABLE") == "On"

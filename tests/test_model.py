@@ -1,4 +1,5 @@
-"""ThermalControl on its own: time is passed in, nothing sleeps."""
+"""ThermalControl and TemperatureLog on their own, with the simulator: time
+is passed in, nothing sleeps."""
 
 import logging
 import random
@@ -7,23 +8,44 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import thermostat
-from thermostat import HYSTERESIS, LogFile, ThermalControl, indi_timestamp, parse_number
+from conftest import instant_poll
+from thermostat import (
+    HYSTERESIS,
+    LogFile,
+    TemperatureLog,
+    ThermalControl,
+    indi_timestamp,
+    parse_number,
+)
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def take_finished(control):
+def take_finished(log):
     "Send every finished file as the driver does, oldest first; return them."
     files = []
-    while logfile := control.next_unsent():
-        control.sent(logfile)
+    while logfile := log.next_unsent():
+        log.sent(logfile)
         files.append(logfile)
     return files
 
 
-def polls(control, count, every=10.0, start=START):
-    "Step control count times, every seconds apart; return the readings."
-    return [control.step(start + timedelta(seconds=every * i)) for i in range(count)]
+class Simulated:
+    "A thermostat on the simulator: its model, its hardware and its log, polled as the driver does."
+
+    def __init__(self, name="Thermostat", *, temperature=20.0, target=15.0, **log_options):
+        sim = thermostat.Simulator(temperature)
+        self.control = ThermalControl(name, temperature=sim.temperature, target=target)
+        self.hardware = thermostat.Hardware(sim, sim)
+        self.log = TemperatureLog(name, **log_options)
+
+    def poll(self, now):
+        return instant_poll(self.control, self.hardware, now, self.log)
+
+
+def polls(simulated, count, every=10.0, start=START):
+    "Poll count times, every seconds apart; return the readings."
+    return [simulated.poll(start + timedelta(seconds=every * i)) for i in range(count)]
 
 
 def rows_of(files):
@@ -36,15 +58,15 @@ def test_starts_at_20_with_target_15_and_heater_off():
 
 
 def test_cools_by_0_2_per_poll_while_heater_off():
-    readings = polls(ThermalControl(), 5)
+    readings = polls(Simulated(), 5)
     assert [r.temperature for r in readings] == [19.8, 19.6, 19.4, 19.2, 19.0]
     assert not any(r.heater_on for r in readings)
 
 
 def test_heater_switches_on_below_band_and_off_above_it():
-    control = ThermalControl(temperature=15.0, target=15.0)
+    simulated = Simulated(temperature=15.0, target=15.0)
     temperatures, heater = [], []
-    for reading in polls(control, 40):
+    for reading in polls(simulated, 40):
         temperatures.append(reading.temperature)
         heater.append(reading.heater_on)
     # on exactly when the temperature first falls below 14.5, off when it first rises above 15.5
@@ -80,87 +102,92 @@ def test_parse_number_rejects_with_range_and_value(text):
 
 
 def test_no_log_rows_while_logging_is_off():
-    control = ThermalControl(log_period=30)
-    polls(control, 10)
-    control.stop_logging()
-    assert take_finished(control) == []
+    simulated = Simulated(log_period=30)
+    polls(simulated, 10)
+    simulated.log.stop()
+    assert take_finished(simulated.log) == []
 
 
 def test_files_are_cut_every_log_period():
-    control = ThermalControl(log_period=60)
-    control.start_logging(START)
-    readings = polls(control, 20, every=10)            # 0..190 s
-    files = take_finished(control)
+    simulated = Simulated(log_period=60)
+    log = simulated.log
+    log.start(START)
+    readings = polls(simulated, 20, every=10)            # 0..190 s
+    files = take_finished(log)
     # cut when a reading reaches 60, 120 and 180 s: three files of six readings
     assert [len(f.rows) for f in files] == [6, 6, 6]
     assert files[1].rows[0].startswith(indi_timestamp(readings[6].timestamp))
-    control.stop_logging()
-    assert [len(f.rows) for f in take_finished(control)] == [2]
+    log.stop()
+    assert [len(f.rows) for f in take_finished(log)] == [2]
 
 
 def test_csv_format_matches_indi_timestamp():
-    control = ThermalControl(log_period=60)
-    control.start_logging(START)
+    simulated = Simulated(log_period=60)
+    log = simulated.log
+    log.start(START)
     moment = START + timedelta(seconds=1, microseconds=250000)
-    reading = control.step(moment)
-    control.stop_logging()
-    (logfile,) = take_finished(control)
+    reading = simulated.poll(moment)
+    log.stop()
+    (logfile,) = take_finished(log)
     assert logfile.content() == f"timestamp,temperature\n{indi_timestamp(moment)},{reading.temperature:.2f}\n".encode()
     assert indi_timestamp(moment) == "2026-01-01T00:00:01.250000"
     assert logfile.name == "Thermostat-2026-01-01T00-00-01.250000.csv"     # no colons: valid on Windows too
 
 
 def test_empty_partial_file_is_not_sent():
-    control = ThermalControl()
-    control.start_logging(START)
-    control.stop_logging()
-    assert take_finished(control) == []
+    log = TemperatureLog()
+    log.start(START)
+    log.stop()
+    assert take_finished(log) == []
 
 
 def test_every_reading_logged_once_in_order_across_on_off_and_irregular_polls():
     "The lossless property: whatever the timing, each reading while On is in exactly one file."
     rng = random.Random(7)
-    control = ThermalControl(log_period=25)
+    simulated = Simulated(log_period=25)
+    log = simulated.log
     now, logged, files = START, [], []
     for _ in range(2000):
         now += timedelta(seconds=rng.choice([1, 5, 10, 10, 10, 40]))
         if rng.random() < 0.02:
-            if control.logging:
-                control.stop_logging()
+            if log.logging:
+                log.stop()
             else:
-                control.start_logging(now)
-        logging_now = control.logging
-        reading = control.step(now)
+                log.start(now)
+        logging_now = log.logging
+        reading = simulated.poll(now)
         if logging_now:
             logged.append(f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
         if rng.random() < 0.3:                   # the sender takes files at irregular times
-            files += take_finished(control)
-    control.stop_logging()
-    files += take_finished(control)
+            files += take_finished(log)
+    log.stop()
+    files += take_finished(log)
     assert len(logged) > 500
     assert rows_of(files) == logged
 
 
 def test_backlog_is_bounded_and_dropping_is_logged(caplog):
-    control = ThermalControl(log_period=10, max_backlog=3)
-    control.start_logging(START)
+    simulated = Simulated(log_period=10, max_backlog=3)
+    log = simulated.log
+    log.start(START)
     with caplog.at_level(logging.WARNING, logger="thermostat"):
-        polls(control, 7, every=10)              # six files finished, none taken
-    assert len(control.backlog) == 3
+        polls(simulated, 7, every=10)              # six files finished, none taken
+    assert len(log.backlog) == 3
     assert caplog.text.count("log backlog full") == 3
     # the newest files are kept
-    assert take_finished(control)[-1].rows[0].startswith(indi_timestamp(START + timedelta(seconds=50)))
+    assert take_finished(log)[-1].rows[0].startswith(indi_timestamp(START + timedelta(seconds=50)))
 
 
 def test_log_dir_keeps_every_finished_file_even_when_dropped_from_backlog(tmp_path):
-    control = ThermalControl("Greenhouse", log_period=10, log_dir=tmp_path / "logs", max_backlog=1)
-    control.start_logging(START)
-    polls(control, 5, every=10)
-    control.stop_logging()
+    simulated = Simulated("Greenhouse", log_period=10, log_dir=tmp_path / "logs", max_backlog=1)
+    log = simulated.log
+    log.start(START)
+    polls(simulated, 5, every=10)
+    log.stop()
     names = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert names == [f"Greenhouse-{START + timedelta(seconds=s):%Y-%m-%dT%H-%M-%S.%f}.csv" for s in (0, 10, 20, 30, 40)]
     assert all((tmp_path / "logs" / n).read_bytes().startswith(LogFile.HEADER.encode()) for n in names)
-    assert len(control.backlog) == 1
+    assert len(log.backlog) == 1
 
 
 def test_target_outside_range_is_refused_at_construction():

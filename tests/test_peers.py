@@ -94,8 +94,9 @@ def test_every_indi_setprop_request_arrives(served):
     for tenth in range(20):
         value = f"{20 + tenth / 10:.2f}"
         setprop(server.port, f"Thermostat.targetvector.target={value}")
-        watcher.expect(lambda e: e.tag == "setNumberVector" and e.get("name") == "targetvector"
-                       and [m.text.strip() for m in e] == [value], timeout=3, what=f"target {value}")
+        watcher.expect(lambda e, value=value: e.tag == "setNumberVector"
+                       and e.get("name") == "targetvector" and [m.text.strip() for m in e] == [value],
+                       timeout=3, what=f"target {value}")
     watcher.close()
 
 

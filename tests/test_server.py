@@ -16,10 +16,20 @@ import xml.etree.ElementTree as ET
 from datetime import datetime
 
 import pytest
-from indipydriver import IPyDriver, Device, TextVector, TextMember
+from indipydriver import Device, IPyDriver, TextMember, TextVector
 
 import thermostat
-from conftest import FAST, ServerProcess, exdriver_client, free_port, new_number, new_switch, rss_mib, tagged, wait_until
+from conftest import (
+    FAST,
+    ServerProcess,
+    exdriver_client,
+    free_port,
+    new_number,
+    new_switch,
+    rss_mib,
+    tagged,
+    wait_until,
+)
 
 GET_ALL = '<getProperties version="1.7"/>'
 
@@ -146,7 +156,8 @@ def test_a_request_then_a_reset_at_once_frees_the_connection(served):
         sock.sendall(GET_ALL.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
-        wait_until(lambda: server.stderr_text().count(" disconnected") >= ended, what="the reset connection to end")
+        wait_until(lambda ended=ended: server.stderr_text().count(" disconnected") >= ended,
+                   what="the reset connection to end")
     client = server.client()
     assert answered(client)
 
@@ -239,7 +250,7 @@ def test_a_stopped_client_costs_at_most_its_bound_and_is_named_when_cut_off(in_p
     server = thermostat.make_server(Chatter(), port=free_port(), max_unread=bound)
     in_process(server)
     stalled = stalled_client(server.port)
-    address = "%s:%d" % stalled.getsockname()
+    address = "{}:{}".format(*stalled.getsockname())
     wait_until(lambda: server.clients, what="the client to be accepted")
     (client,) = server.clients
     wait_until(lambda: not server.clients, what="the stalled client to be cut off")
@@ -299,7 +310,7 @@ def watch(watcher, seconds):
         arrivals.append(time.monotonic())
         updates.append(datetime.fromisoformat(update.get("timestamp")))
     polls = round((updates[-1] - updates[0]).total_seconds() / 0.05) + 1
-    return len(updates), polls, max(b - a for a, b in zip(arrivals, arrivals[1:]))
+    return len(updates), polls, max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
 
 
 MALFORMED_FLOOD = """
@@ -561,16 +572,18 @@ def test_errors_are_throttled_like_warnings_asyncio_s_too():
     class Catch(logging.Handler):
         def emit(self, record):
             caught.append(record)
-    for name in ("thermostat", "asyncio"):
-        handler = Catch()
-        source = logging.getLogger(name)
-        source.addHandler(handler)
-        try:
-            for i in range(50):
-                source.error("Fatal error on transport %d", i)
-        finally:
-            source.removeHandler(handler)
+    with thermostat.BoundedLogs():          # as while serving: asyncio's logger is bounded too
+        for name in ("thermostat", "asyncio"):
+            handler = Catch()
+            source = logging.getLogger(name)
+            source.addHandler(handler)
+            try:
+                for i in range(50):
+                    source.error("Fatal error on transport %d", i)
+            finally:
+                source.removeHandler(handler)
     assert len(caught) == 2 * 20
+    assert not logging.getLogger("asyncio").filters, "after serving, asyncio's logger is as it was"
 
 
 # -- the serializer ----------------------------------------------------------------------------
@@ -599,6 +612,6 @@ async def _loop_module():
 
 def test_uvloop_runs_the_command_line_where_installed_else_asyncio(monkeypatch):
     pytest.importorskip("uvloop")       # a declared dependency on Linux: installed with the package
-    assert thermostat.run(_loop_module()).startswith("uvloop")
+    assert thermostat.run_event_loop(_loop_module()).startswith("uvloop")
     monkeypatch.setitem(sys.modules, "uvloop", None)        # as where it does not install
-    assert thermostat.run(_loop_module()).startswith("asyncio")
+    assert thermostat.run_event_loop(_loop_module()).startswith("asyncio")
