@@ -561,16 +561,18 @@ def test_errors_are_throttled_like_warnings_asyncio_s_too():
     class Catch(logging.Handler):
         def emit(self, record):
             caught.append(record)
-    for name in ("thermostat", "asyncio"):
-        handler = Catch()
-        source = logging.getLogger(name)
-        source.addHandler(handler)
-        try:
-            for i in range(50):
-                source.error("Fatal error on transport %d", i)
-        finally:
-            source.removeHandler(handler)
+    with thermostat.BoundedLogs():          # as while serving: asyncio's logger is bounded too
+        for name in ("thermostat", "asyncio"):
+            handler = Catch()
+            source = logging.getLogger(name)
+            source.addHandler(handler)
+            try:
+                for i in range(50):
+                    source.error("Fatal error on transport %d", i)
+            finally:
+                source.removeHandler(handler)
     assert len(caught) == 2 * 20
+    assert not logging.getLogger("asyncio").filters, "after serving, asyncio's logger is as it was"
 
 
 # -- the serializer ----------------------------------------------------------------------------
