@@ -163,12 +163,15 @@ class Safety:
     alarm: bool = False  # the limit is the heater-on time: latched until re-armed
 
     def lights(self):
-        "The SAFETY_STATUS lights, by member name."
-        return {
+        """The SAFETY_STATUS lights, by member name, in order: first libindi's
+        SAFETY, the overall state (the worst of the others), then one each."""
+        lights = {
             "SENSOR": "Alert" if self.sensor else "Ok",
             "HEATER": "Alert" if self.heater else "Ok",
             "LIMITS": "Alert" if self.alarm else "Busy" if self.limit else "Ok",
         }
+        worst = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
+        return {"SAFETY": worst, **lights}
 
 
 @dataclass(frozen=True)
@@ -2056,11 +2059,10 @@ class ThermoDriver(IPyDriver):
             thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else ""
         )
         status, off = self.device["SAFETY_STATUS"], thermostat.known_off
-        for name in ("SENSOR", "HEATER", "LIMITS"):
-            status[name] = "Idle"
-        if not off:
-            status["HEATER"] = "Alert"
-        await status.send_setVector(state="Idle" if off else "Alert")
+        state = "Idle" if off else "Alert"  # Alert while the heater may be on
+        status["SENSOR"] = status["LIMITS"] = "Idle"
+        status["SAFETY"] = status["HEATER"] = state
+        await status.send_setVector(state=state)
 
     # -- readings out -------------------------------------------------------
 
@@ -2115,7 +2117,9 @@ class ThermoDriver(IPyDriver):
             await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
 
     async def publish_safety(self, safety, before):
-        "SAFETY_STATUS: a light each for the sensor, heater and limits; the worst is its state."
+        """SAFETY_STATUS: libindi's SAFETY light and the vector's state (what
+        libindi's Safety Monitor reads) the worst of the lights for the
+        sensor, heater and limits."""
         status = self.device["SAFETY_STATUS"]
         if safety == before and status.state != "Idle":
             return  # as at the last poll: its lights are already out
@@ -2133,8 +2137,7 @@ class ThermoDriver(IPyDriver):
         ):
             for name, light in lights.items():
                 status[name] = light
-            state = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
-            await status.send_setVector(message=message, state=state)
+            await status.send_setVector(message=message, state=lights["SAFETY"])
 
     async def send_log_files(self):
         if not self.templog.backlog:
@@ -2205,6 +2208,7 @@ def thermostat_properties(thermostat, log_period):
                          **widened(MAX_HEATER_ON_S, max_heater_on), step=60,
                          membervalue=f"{max_heater_on:g}")]),
         LightVector("SAFETY_STATUS", "Safety", "Safety", "Idle", [
+            LightMember("SAFETY", "Safety", membervalue="Idle"),  # libindi's: the overall state
             LightMember("SENSOR", "Sensor", membervalue="Idle"),
             LightMember("HEATER", "Heater", membervalue="Idle"),
             LightMember("LIMITS", "Limits", membervalue="Idle")]),
