@@ -10,7 +10,12 @@ leaves its last state standing. libindi's weather interface and UPS driver
 carry the same state in one light, SAFETY: ours has it first, then a light
 each for the sensor, the heater and the limits."""
 
-from conftest import new_number, new_switch
+import shutil
+import subprocess
+
+import pytest
+from conftest import free_port, new_number, new_switch, wait_for_port
+from test_peers import getprop, setprop, wait_for_prop
 
 import thermostat
 
@@ -127,3 +132,41 @@ def test_disconnected_with_the_heater_maybe_on_is_alert(served):
     assert alert.get("state") == "Alert"
     assert lights(alert) == dict(SAFETY="Alert", SENSOR="Idle", HEATER="Alert", LIMITS="Idle")
     check_shape(client)
+
+
+# -- against libindi's Safety Monitor itself, where it is installed (libindi 2.2 and newer) --
+
+
+@pytest.fixture
+def monitored(tmp_path):
+    """indiserver running libindi's Safety Monitor beside a fast-polling
+    thermostat, the monitor watching it: yields the server's port."""
+    fast = tmp_path / "indi_thermostat_fast"     # indiserver passes no options: a wrapper gives them
+    fast.write_text('#!/bin/sh\nexec indi_thermostat --poll-interval 0.2 "$@"\n')
+    fast.chmod(0o755)
+    port = free_port()
+    server = subprocess.Popen(["indiserver", "-p", str(port), "-u", str(tmp_path / "sock"),
+                               "indi_safetymonitor", str(fast)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process=server)
+        wait_for_prop(port, "Thermostat.SAFETY_STATUS._STATE", "Ok", timeout=10)
+        setprop(port, f"Safety Monitor.CONNECTION_STRINGS.DEVICES=Thermostat@localhost:{port}")
+        setprop(port, "Safety Monitor.CONNECTION.CONNECT=On")
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.skipif(not shutil.which("indi_safetymonitor"), reason="libindi's Safety Monitor "
+                    "(indi_safetymonitor, libindi 2.2 and newer) is not installed")
+def test_libindis_safety_monitor_reads_our_state(monitored):
+    port = monitored
+    wait_for_prop(port, "Safety Monitor.SAFETY_STATUS.Thermostat", "Ok", timeout=10)
+    setprop(port, "Thermostat.limitsvector.maxtemperature=10")          # the simulator reads ~20
+    wait_for_prop(port, "Safety Monitor.SAFETY_STATUS.Thermostat", "Busy", timeout=10)
+    assert getprop(port, "Safety Monitor.SAFETY_STATUS._STATE") == {
+        "Safety Monitor.SAFETY_STATUS._STATE": "Busy"}
+    setprop(port, "Thermostat.CONNECTION.DISCONNECT=On")
+    wait_for_prop(port, "Safety Monitor.SAFETY_STATUS.Thermostat", "Idle", timeout=10)
