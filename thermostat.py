@@ -1320,8 +1320,9 @@ def weather_properties(weather):
         NumberVector("WEATHER_PARAMETERS", "Parameters", "Environment", "ro", "Idle", [
             NumberMember("WEATHER_HUMIDITY", "Humidity %", format="%.2f", min=0, max=100,
                          membervalue="0"),
-            NumberMember("WEATHER_DEWPOINT", "Dew Point (C)", format="%.2f", min=-100,
-                         max=TEMPERATURE_MAX, membervalue="0")]),
+            # every dew point the formula gives within the sensor's range
+            NumberMember("WEATHER_DEWPOINT", "Dew Point (C)", format="%.2f", min=-MAGNUS_C,
+                         max=SENSOR_RANGE[1], membervalue="0")]),
     ]  # fmt: skip
 
 
@@ -1361,8 +1362,8 @@ class LocalWeather:
 
     async def publish(self, vector):
         """WEATHER_PARAMETERS as of the last update: Ok, or Alert with the
-        values as they were (a humidity problem is told once, as it starts:
-        a failed sensor is told as the temperature's)."""
+        values as they were. A humidity problem is told once, as it starts; a
+        sensor that fails altogether is told once already, by the temperature."""
         if self.timestamp is None:
             return
         message = ""
@@ -1370,7 +1371,7 @@ class LocalWeather:
             message = (
                 f"[WARNING] humidity: {self.problem}"
                 if self.problem
-                else ("the humidity reads again")
+                else "the humidity reads again"
             )
             self._said = self.problem
         if self.problem is None:
