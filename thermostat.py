@@ -2118,9 +2118,9 @@ class ThermoDriver(IPyDriver):
             await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
 
     async def publish_safety(self, safety, before):
-        """SAFETY_STATUS: libindi's SAFETY light and the vector's state (what
-        libindi's Safety Monitor reads) the worst of the lights for the
-        sensor, heater and limits."""
+        """SAFETY_STATUS: a light each for the sensor, heater and limits;
+        libindi's SAFETY light, first, and the vector's state (all that
+        libindi's Safety Monitor reads) are the worst of them."""
         status = self.device["SAFETY_STATUS"]
         if safety == before and status.state != "Idle":
             return  # as at the last poll: its lights are already out
