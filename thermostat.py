@@ -74,6 +74,7 @@ __all__ = [
     "TemperatureLog",
     "Simulator",
     "W1Sensor",
+    "IIOSensor",
     "CommandSensor",
     "CommandHeater",
     "GpioHeater",
@@ -164,12 +165,15 @@ class Safety:
     alarm: bool = False  # the limit is the heater-on time: latched until re-armed
 
     def lights(self):
-        "The SAFETY_STATUS lights, by member name."
-        return {
+        """The SAFETY_STATUS lights, by member name, in order: first libindi's
+        SAFETY, the overall state (the worst of the others), then one each."""
+        lights = {
             "SENSOR": "Alert" if self.sensor else "Ok",
             "HEATER": "Alert" if self.heater else "Ok",
             "LIMITS": "Alert" if self.alarm else "Busy" if self.limit else "Ok",
         }
+        worst = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
+        return {"SAFETY": worst, **lights}
 
 
 @dataclass(frozen=True)
@@ -796,6 +800,182 @@ class W1Sensor:
         return millidegrees / 1000
 
 
+IIO_DEVICES = Path("/sys/bus/iio/devices")
+HUMIDITY_RANGE = (0.0, 100.0)  # percent relative humidity
+HUMIDITY_SATURATED = 110.0  # readings up to this are a saturated sensor's: taken as 100
+MAGNUS_B, MAGNUS_C = 17.62, 243.12  # the Magnus formula's constants over water (Sonntag 1990)
+_SYSFS_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # as IIO prints them: 21375, -0.0012
+
+
+def dew_point(temperature, humidity):
+    """The dew point in degrees Celsius of air at temperature (degrees C) and
+    humidity (percent relative), by the Magnus formula; ValueError if the
+    humidity is not above 0 and at most 100, or the temperature not above -c."""
+    if not (math.isfinite(humidity) and 0 < humidity <= 100):
+        raise ValueError(f"no dew point for a relative humidity of {humidity:g} %")
+    if not (math.isfinite(temperature) and temperature > -MAGNUS_C):
+        raise ValueError(f"no dew point for a temperature of {temperature:g} degrees C")
+    gamma = math.log(humidity / 100) + MAGNUS_B * temperature / (MAGNUS_C + temperature)
+    return MAGNUS_C * gamma / (MAGNUS_B - gamma)
+
+
+def find_iio_device(device, root=IIO_DEVICES):
+    """The directory of the IIO device DEVICE: a path (any name with a '/'),
+    a directory under root (iio:device0), or the one device under root whose
+    `name` file holds DEVICE (bme280). LookupError, saying what there is, if
+    none or several match."""
+    if "/" in device:
+        path = Path(device)
+        if not path.is_dir():
+            raise LookupError(
+                f"{device} is not a directory (an IIO device's, such as {root}/iio:device0)"
+            )
+        return path
+    root = Path(root)
+    if device not in (".", "..") and (root / device).is_dir():
+        return root / device
+    found, names = [], []
+    for entry in sorted(root.glob("iio:device*")):
+        try:
+            name = (entry / "name").read_text().strip()
+        except OSError:
+            continue
+        names.append(f"{entry.name} ({name})")
+        if name == device:
+            found.append(entry)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise LookupError(
+            f"{len(found)} IIO devices are named {device!r}: "
+            f"{', '.join(p.name for p in found)}; name one of them"
+        )
+    raise LookupError(
+        f"no IIO device {device!r} under {root} (there: {', '.join(names) or 'none'})"
+    )
+
+
+class IIOSensor:
+    """A temperature (and humidity) sensor as Linux's Industrial I/O
+    subsystem exposes it (a BME280, HTU21D, DHT22, HDC100x ...):
+    /sys/bus/iio/devices/iio:deviceN/in_temp_input in millidegrees C, or
+    in_temp_raw with in_temp_scale and in_temp_offset, as
+    (raw + offset) * scale; in_humidityrelative_* likewise in milli-percent.
+
+    read() returns degrees Celsius or raises saying why. On a device with a
+    humidity channel (has_humidity) each read() that got a temperature also
+    reads the humidity, kept in last_humidity: (percent, None), or (None,
+    why not). A humidity that cannot be read never fails read(): the
+    thermostat runs on the temperature alone. Reading a file makes the
+    kernel measure (it may take a while, or fail with EIO, as a DHT22
+    often does): Hardware calls read() in a worker thread."""
+
+    valid_range = SENSOR_RANGE
+
+    def __init__(self, device, root=IIO_DEVICES):
+        self.device, self.root = device, Path(root)
+        self.by_name = "/" not in device and not (self.root / device).is_dir()
+        self.directory = find_iio_device(device, self.root)
+        if not self._has("temp"):
+            raise LookupError(
+                f"{self.directory} has no temperature channel "
+                "(in_temp_input, or in_temp_raw and in_temp_scale)"
+            )
+        self.has_humidity = self._has("humidityrelative")
+        self.last_humidity = (None, None if self.has_humidity else "the sensor has no humidity")
+
+    def _has(self, channel):
+        return any((self.directory / f"in_{channel}_{kind}").exists() for kind in ("input", "raw"))
+
+    def read(self):
+        try:
+            self._relocate()
+            low, high = SENSOR_RANGE
+            temperature = self._channel("temp", "millidegrees Celsius", low * 1000, high * 1000)
+        except Exception:
+            if self.has_humidity:
+                self.last_humidity = (None, "not read: the temperature could not be")
+            raise
+        if self.has_humidity:
+            try:
+                self.last_humidity = (self._humidity(), None)
+            except (OSError, ValueError) as exc:  # all that reading a file and its number raise
+                self.last_humidity = (None, failure_reason(exc))
+        return temperature / 1000
+
+    def humidity(self):
+        "The relative humidity in percent, read now; or an exception saying why not."
+        if not self.has_humidity:
+            raise LookupError(f"{self.directory} has no humidity channel")
+        self._relocate()
+        return self._humidity()
+
+    def _relocate(self):
+        """A device found by its name is looked for again once its directory
+        has gone (unbound and bound again, it can come back as another iio:deviceN)."""
+        if self.directory.is_dir():
+            return
+        if not self.by_name:
+            raise FileNotFoundError(errno.ENOENT, f"{self.directory} is gone")
+        try:
+            self.directory = find_iio_device(self.device, self.root)
+        except LookupError as exc:
+            raise FileNotFoundError(errno.ENOENT, f"{self.directory} is gone: {exc}") from None
+
+    def _humidity(self):
+        """Percent. Readings above 100, up to HUMIDITY_SATURATED, are a
+        saturated sensor's (HTU21D's datasheet says to clamp them) and are
+        taken as 100; higher ones are refused."""
+        low, high = HUMIDITY_RANGE
+        value = self._channel(
+            "humidityrelative", "milli-percent", low * 1000, HUMIDITY_SATURATED * 1000
+        )
+        return min(value / 1000, high)
+
+    def _channel(self, channel, unit, low, high):
+        """The channel's value in its milli-unit: in_CHANNEL_input, or
+        (in_CHANNEL_raw + in_CHANNEL_offset) * in_CHANNEL_scale; ValueError
+        if it is not within low..high."""
+        processed, raw, scale_file, offset_file = (
+            self.directory / f"in_{channel}_{kind}" for kind in ("input", "raw", "scale", "offset")
+        )
+        if processed.exists():
+            value, shown = self._number(processed), processed
+        elif not raw.exists():
+            raise FileNotFoundError(
+                errno.ENOENT, f"{self.directory} has neither {processed.name} nor {raw.name}"
+            )
+        else:
+            if not scale_file.exists():
+                raise FileNotFoundError(
+                    errno.ENOENT, f"{scale_file} is missing: {raw} cannot be scaled"
+                )
+            scale = self._number(scale_file)
+            if not scale > 0:
+                raise ValueError(f"{scale_file} must be above 0; it holds {scale:g}")
+            offset = self._number(offset_file) if offset_file.exists() else 0.0
+            reading = self._number(raw)
+            value = (reading + offset) * scale
+            shown = f"({raw} {reading:.6g} + offset {offset:.6g}) * scale {scale:.6g}"
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(
+                f"{shown} must be from {low:g} to {high:g} ({unit}); it reads {value:.6g}"
+            )
+        return value
+
+    @staticmethod
+    def _number(path):
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot read {path}: {exc.strerror or exc}") from None
+        if not text:
+            raise ValueError(f"{path} is empty")
+        if not _SYSFS_NUMBER.fullmatch(text):
+            raise ValueError(f"{path} holds {text[:40]!r}, which is not a number")
+        return float(text)
+
+
 def run_program(argv, timeout):
     """Run argv without a shell, its stdin empty (under --stdio ours is the
     INDI stream); return its standard output, or raise saying why not."""
@@ -1072,7 +1252,7 @@ class Hardware:
 
 # ---------------------------------------------------------------------------
 # libindi's device conventions: the standard properties, DEBUG, and the
-# configuration file, as libindi's DefaultDevice has them.
+# configuration file, as libindi's DefaultDevice has them; its weather numbers.
 # ---------------------------------------------------------------------------
 
 DRIVER_EXEC = "indi_thermostat"
@@ -1122,6 +1302,86 @@ def option_properties(debug):
             SwitchMember("CONFIG_DEFAULT", "Default", membervalue="Off"),
             SwitchMember("CONFIG_PURGE", "Purge", membervalue="Off")]),
     ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DewPoint:
+    "The local dew point (degrees C), the relative humidity (percent) it comes from, and when."
+
+    celsius: float
+    humidity: float
+    timestamp: datetime
+
+
+def weather_properties(weather):
+    """libindi's weather numbers (INDI::WeatherInterface's WEATHER_PARAMETERS,
+    with the names and labels of its auxiliary drivers), for a sensor that
+    has humidity; none for one that has not."""
+    if weather is None:
+        return []
+    return [
+        NumberVector("WEATHER_PARAMETERS", "Parameters", "Environment", "ro", "Idle", [
+            NumberMember("WEATHER_HUMIDITY", "Humidity %", format="%.2f", min=0, max=100,
+                         membervalue="0"),
+            # every dew point the formula gives within the sensor's range
+            NumberMember("WEATHER_DEWPOINT", "Dew Point (C)", format="%.2f", min=-MAGNUS_C,
+                         max=SENSOR_RANGE[1], membervalue="0")]),
+    ]  # fmt: skip
+
+
+class LocalWeather:
+    """The humidity a sensor reads beside the temperature (IIOSensor's
+    last_humidity), and the dew point it gives, as WEATHER_PARAMETERS.
+    update() takes each poll's measurement; dew_point is then the last good
+    DewPoint, its timestamp that poll's: a poll without a good humidity
+    leaves it as it was, older, so that a user of it can tell it is stale."""
+
+    def __init__(self, sensor):
+        self.sensor = sensor
+        self.dew_point = None  # the last good DewPoint
+        self.timestamp = None  # of the last update
+        self.problem = None  # why the last update has no dew point
+        self.sensor_failed = False  # the last update had no reading at all
+        self._said = None  # the humidity problem last told clients
+
+    @classmethod
+    def of(cls, sensor):
+        "A LocalWeather for a sensor that has humidity, else None."
+        return cls(sensor) if getattr(sensor, "has_humidity", False) else None
+
+    def update(self, now, measured):
+        "measured: the temperature the sensor read with its humidity, or the exception it raised."
+        self.timestamp, self.problem = now, None
+        self.sensor_failed = isinstance(measured, Exception)
+        if self.sensor_failed:
+            self.problem = "the sensor could not be read"
+            return
+        humidity, self.problem = self.sensor.last_humidity
+        if self.problem is None:
+            try:
+                self.dew_point = DewPoint(dew_point(measured, humidity), humidity, now)
+            except (TypeError, ValueError) as exc:
+                self.problem = failure_reason(exc)
+
+    async def publish(self, vector):
+        """WEATHER_PARAMETERS as of the last update: Ok, or Alert with the
+        values as they were. A humidity problem is told once, as it starts; a
+        sensor that fails altogether is told once already, by the temperature."""
+        if self.timestamp is None:
+            return
+        message = ""
+        if not self.sensor_failed and self.problem != self._said:
+            message = (
+                f"[WARNING] humidity: {self.problem}"
+                if self.problem
+                else "the humidity reads again"
+            )
+            self._said = self.problem
+        if self.problem is None:
+            vector["WEATHER_HUMIDITY"] = f"{self.dew_point.humidity:.2f}"
+            vector["WEATHER_DEWPOINT"] = f"{self.dew_point.celsius:.2f}"
+        state = "Alert" if self.problem else "Ok"
+        await vector.send_setVector(message=message, state=state, timestamp=self.timestamp)
 
 
 def one_switched_on(values, vectorname, first, second):
@@ -1540,10 +1800,11 @@ class ThermoDriver(IPyDriver):
     applied whole or not at all."""
 
     def __init__(self, device, thermostat, templog, hardware, poll_interval, config=None,
-                 given=(), debug=False):  # fmt: skip
+                 given=(), debug=False, weather=None):  # fmt: skip
         super().__init__(device, thermostat=thermostat)
         self.device, self.thermostat, self.templog = device, thermostat, templog
         self.equipment = hardware
+        self.weather = weather  # a LocalWeather for a sensor that reads humidity too
         self.log = logger.getChild(device.devicename)  # this device's; DEBUG sets its level
         self.debug = DebugLogging(self, self.log)
         self.debug.set(debug)
@@ -1571,6 +1832,11 @@ class ThermoDriver(IPyDriver):
     @property
     def poll_interval(self):
         return self.timer.interval
+
+    @property
+    def dew_point(self):
+        "The local dew point, a DewPoint as of its poll, from a sensor with humidity; else None."
+        return self.weather and self.weather.dew_point
 
     def in_control(self):
         "True while the driver runs and is connected: the heater is regulated."
@@ -1706,6 +1972,8 @@ class ThermoDriver(IPyDriver):
         await event.vector.send_setVector(state="Ok" if self.connected else "Idle")
         temperature = self.device["temperaturevector"]
         await temperature.send_setVector(state="Ok" if self.connected else "Idle")
+        if self.weather and not self.connected:
+            await self.device["WEATHER_PARAMETERS"].send_setVector(state="Idle")
 
     async def send(self, xmldata):
         "Everything this driver sends passes here (indipydriver's hook)."
@@ -1754,6 +2022,8 @@ class ThermoDriver(IPyDriver):
             if not self.in_control():
                 return  # it went while the sensor was read
             now = datetime.now(timezone.utc)
+            if self.weather:
+                self.weather.update(now, measured)  # first: this poll's dew point for the step
             self.templog.record(thermostat.step(now, measured))
             if not await self.equipment.follow(thermostat, self.in_control):
                 return  # it went while the heater switched (and switched it off)
@@ -1797,11 +2067,10 @@ class ThermoDriver(IPyDriver):
             thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else ""
         )
         status, off = self.device["SAFETY_STATUS"], thermostat.known_off
-        for name in ("SENSOR", "HEATER", "LIMITS"):
-            status[name] = "Idle"
-        if not off:
-            status["HEATER"] = "Alert"
-        await status.send_setVector(state="Idle" if off else "Alert")
+        state = "Idle" if off else "Alert"  # Alert while the heater may be on
+        status["SENSOR"] = status["LIMITS"] = "Idle"
+        status["SAFETY"] = status["HEATER"] = state
+        await status.send_setVector(state=state)
 
     # -- readings out -------------------------------------------------------
 
@@ -1845,6 +2114,8 @@ class ThermoDriver(IPyDriver):
         if target.state != state:
             await target.send_setVector(state=state)
         await self.publish_safety(safety, before)
+        if self.weather:
+            await self.weather.publish(self.device["WEATHER_PARAMETERS"])
 
     async def publish_heater(self, heater_on, fault=None, message=""):
         heater = self.device["heatervector"]
@@ -1854,7 +2125,9 @@ class ThermoDriver(IPyDriver):
             await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
 
     async def publish_safety(self, safety, before):
-        "SAFETY_STATUS: a light each for the sensor, heater and limits; the worst is its state."
+        """SAFETY_STATUS: a light each for the sensor, heater and limits;
+        libindi's SAFETY light, first, and the vector's state (all that
+        libindi's Safety Monitor reads) are the worst of them."""
         status = self.device["SAFETY_STATUS"]
         if safety == before and status.state != "Idle":
             return  # as at the last poll: its lights are already out
@@ -1872,8 +2145,7 @@ class ThermoDriver(IPyDriver):
         ):
             for name, light in lights.items():
                 status[name] = light
-            state = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
-            await status.send_setVector(message=message, state=state)
+            await status.send_setVector(message=message, state=lights["SAFETY"])
 
     async def send_log_files(self):
         if not self.templog.backlog:
@@ -1944,6 +2216,7 @@ def thermostat_properties(thermostat, log_period):
                          **widened(MAX_HEATER_ON_S, max_heater_on), step=60,
                          membervalue=f"{max_heater_on:g}")]),
         LightVector("SAFETY_STATUS", "Safety", "Safety", "Idle", [
+            LightMember("SAFETY", "Safety", membervalue="Idle"),  # libindi's: the overall state
             LightMember("SENSOR", "Sensor", membervalue="Idle"),
             LightMember("HEATER", "Heater", membervalue="Idle"),
             LightMember("LIMITS", "Limits", membervalue="Idle")]),
@@ -1991,12 +2264,14 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
         valid_range=getattr(sensor, "valid_range", None),
     )
     templog = TemperatureLog(devicename, log_period=log_period, log_dir=log_dir)
+    weather = LocalWeather.of(sensor)
     properties = [*control_properties(poll_interval),
                   *thermostat_properties(thermostat, log_period),
+                  *weather_properties(weather),
                   *option_properties(debug)]  # fmt: skip
     return ThermoDriver(Device(devicename, properties), thermostat, templog,
                         Hardware(sensor, heater, hardware_timeout), poll_interval, config=config,
-                        given=given, debug=debug)  # fmt: skip
+                        given=given, debug=debug, weather=weather)  # fmt: skip
 
 
 def make_server(*drivers, host="localhost", port=7624, max_connections=None, max_unread=None):
@@ -3561,7 +3836,10 @@ def parse_args(argv=None, prog="thermostat.py"):
         default="simulator",
         help="where the temperature comes from: simulator (the default); w1:DIR, a 1-wire "
         "sensor's directory, e.g. w1:/sys/bus/w1/devices/28-0316a2796bff (DIR/temperature "
-        "in millidegrees C); or command:CMD, a command that prints degrees C",
+        "in millidegrees C); iio:DEVICE, a Linux IIO sensor (BME280, HTU21D, DHT22...) by "
+        "its name (iio:bme280), its directory under /sys/bus/iio/devices (iio:iio:device0) "
+        "or its path, whose humidity, if it has one, gives the dew point; or command:CMD, "
+        "a command that prints degrees C",
     )
     parser.add_argument(
         "--heater",
@@ -3664,9 +3942,16 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
                 f"/sys/bus/w1/devices/28-0316a2796bff)"
             )
         return W1Sensor(rest)
+    if kind == "iio" and rest:
+        try:
+            return IIOSensor(rest)
+        except LookupError as exc:
+            raise ValueError(f"argument --sensor: {exc}") from None
     if kind == "command" and shlex.split(rest):
         return CommandSensor(rest, timeout)
-    raise ValueError(f"argument --sensor: {spec!r} is not simulator, w1:DIR or command:CMD")
+    raise ValueError(
+        f"argument --sensor: {spec!r} is not simulator, w1:DIR, iio:DEVICE or command:CMD"
+    )
 
 
 def make_heater(spec, timeout=HARDWARE_TIMEOUT):

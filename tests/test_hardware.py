@@ -99,7 +99,7 @@ def watch(server):
 
 def expect_safety(client, state, **lights):
     "Wait for SAFETY_STATUS in state with these lights (the others Ok)."
-    wanted = {"SENSOR": "Ok", "HEATER": "Ok", "LIMITS": "Ok", **lights}
+    wanted = {"SAFETY": state, "SENSOR": "Ok", "HEATER": "Ok", "LIMITS": "Ok", **lights}
     return client.expect(lambda e: setvector("SAFETY_STATUS", state)(e) and members(e) == wanted,
                          what=f"SAFETY_STATUS {state} {wanted}")
 
@@ -341,7 +341,7 @@ def test_a_disconnect_whose_off_fails_shows_the_heater_alert_and_tries_again(rig
                 '<oneSwitch name="CONNECT">Off</oneSwitch><oneSwitch name="DISCONNECT">On</oneSwitch>'
                 '</newSwitchVector>')
     alert = client.expect(setvector("SAFETY_STATUS", "Alert"), what="SAFETY_STATUS in Alert")
-    assert members(alert) == {"SENSOR": "Idle", "HEATER": "Alert", "LIMITS": "Idle"}
+    assert members(alert) == {"SAFETY": "Alert", "SENSOR": "Idle", "HEATER": "Alert", "LIMITS": "Idle"}
     rig.wait_told("off FAILED", after=3)                # tried again while disconnected
     rig.flag("heater-fails-off", present=False)
     client.expect(setvector("SAFETY_STATUS", "Idle"), what="SAFETY_STATUS Idle once the heater is off")
@@ -484,7 +484,7 @@ def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
     reading = control.step(at(0))
     assert bench.told == [True, False] and not reading.heater_on
     assert reading.safety.heater == "switching it on failed: relay jammed"
-    assert reading.safety.lights() == {"SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok"}
+    assert reading.safety.lights() == {"SAFETY": "Alert", "SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok"}
 
 
 # -- the heater is switched off at every kind of stop ----------------------
@@ -742,7 +742,7 @@ def run(*options):
 
 @pytest.mark.parametrize("options, words", [
     (["--sensor", "w1:/nowhere/28-0"], "argument --sensor: /nowhere/28-0 is not a directory"),
-    (["--sensor", "thermocouple"], "'thermocouple' is not simulator, w1:DIR or command:CMD"),
+    (["--sensor", "thermocouple"], "'thermocouple' is not simulator, w1:DIR, iio:DEVICE or command:CMD"),
     (["--sensor", "command:"], "'command:' is not simulator"),
     (["--heater", "gpio:gpiochip0"], "is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]"),
     (["--heater", "relay"], "'relay' is not simulator"),
