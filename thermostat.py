@@ -450,6 +450,7 @@ class ThermalControl:
 
 MAX_FILE_BYTES = 1 << 20  # a log file is cut early at this size: the bound of one BLOB
 MAX_UNWRITTEN_BYTES = 8 << 20  # log rows held in memory while log_dir cannot be written
+DISK_TIMEOUT = 5.0  # seconds a log or configuration write may take before it counts as stalled
 
 
 def file_prefix(devicename):
@@ -474,6 +475,7 @@ class LogFile:
     rows: list = field(default_factory=list)
     size: int = 0  # bytes of its content
     first: datetime = None  # the time of its first reading
+    finished: bool = False  # complete: no row is added any more
 
     HEADER = "timestamp,temperature\n"
 
@@ -538,12 +540,34 @@ class LogWriter:
     and the disk is caught up, oldest first, at the first retry that works
     (one every retry_seconds of readings). One error says when writing
     starts failing, one line when it works again; a file is never left with
-    half a row."""
+    half a row.
 
-    def __init__(self, folder, prefix, *, max_unwritten=MAX_UNWRITTEN_BYTES, retry_seconds=1.0):
+    The disk is written in a thread of its own, so that a disk that stops
+    answering (an SD card, a USB stick, a network mount) holds up neither
+    the regulation nor the clients: while a write has not returned within
+    timeout seconds, one error says so, and rows wait in memory as for a
+    full disk. flush() waits for what is asked to be written. With
+    background False, writes are made in the caller's thread instead."""
+
+    def __init__(
+        self,
+        folder,
+        prefix,
+        *,
+        max_unwritten=MAX_UNWRITTEN_BYTES,
+        retry_seconds=1.0,
+        timeout=DISK_TIMEOUT,
+        background=True,
+    ):
         check_log_dir(folder)
         self.folder, self.prefix = Path(folder), prefix
         self.max_unwritten, self.retry_seconds = max_unwritten, retry_seconds
+        self.timeout, self.background = timeout, background
+        self.stalled = False  # a write has not returned within timeout
+        self._jobs = threading.Condition()  # guards unwritten and what follows
+        self._wanted = None  # (current, now): what the writer thread is to write next
+        self._busy_since = None  # time.monotonic() when the write under way began
+        self._log_thread = None  # the writer thread, while it runs
         self.unwritten = collections.deque()  # finished files not yet on disk, oldest first
         self.unwritten_bytes = 0
         self.failure = None  # why writing fails, while it does
@@ -556,25 +580,80 @@ class LogWriter:
     def append(self, logfile, now):
         "logfile, the file being logged, has a new last row: put it on the disk."
         if self.failure is None or now >= self._retry_at:
-            self._catch_up(logfile, now)
+            self._ask(logfile, now)
 
     def finish(self, logfile, now=None):
         """logfile is complete: it goes on the disk under its final name, at
         once or at a later retry (when now is None, writing is tried at once)."""
-        self.unwritten.append(logfile)
-        self.unwritten_bytes += logfile.size
-        while self.unwritten_bytes > self.max_unwritten:
-            dropped = self.unwritten.popleft()
-            self.unwritten_bytes -= dropped.size
-            logger.error(
-                "log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
-                self.folder,
-                self.max_unwritten,
-                dropped.name,
-                len(dropped.rows),
-            )
+        with self._jobs:
+            logfile.finished = True
+            self.unwritten.append(logfile)
+            self.unwritten_bytes += logfile.size
+            while self.unwritten_bytes > self.max_unwritten:
+                dropped = self.unwritten.popleft()
+                self.unwritten_bytes -= dropped.size
+                logger.error(
+                    "log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
+                    self.folder,
+                    self.max_unwritten,
+                    dropped.name,
+                    len(dropped.rows),
+                )
         if self.failure is None or now is None or now >= self._retry_at:
-            self._catch_up(None, now)
+            self._ask(None, now)
+
+    def flush(self, timeout):
+        "Wait up to timeout seconds for what was asked to be on the disk; False if it is not."
+        with self._jobs:
+            return self._jobs.wait_for(
+                lambda: self._wanted is None and self._busy_since is None, timeout
+            )
+
+    def _ask(self, current, now):
+        "Have the writer thread catch up (the latest ask wins: finished files wait in unwritten)."
+        if not self.background:
+            self._catch_up(current, now)
+            return
+        with self._jobs:
+            self._wanted = (current, now)
+            self._jobs.notify_all()
+            if self._log_thread is None:
+                self._log_thread = threading.Thread(
+                    target=self._write_when_asked, daemon=True, name="thermostat-log-writer"
+                )
+                self._log_thread.start()
+            busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.timeout:
+            if not self.stalled:
+                self.stalled = True
+                logger.error(
+                    "writing log files to %s has not returned within %g s (a disk that stopped "
+                    "answering?): rows wait in memory, up to %g MiB",
+                    self.folder,
+                    self.timeout,
+                    self.max_unwritten / 2**20,
+                )
+
+    def _write_when_asked(self, idle=1.0):
+        "The writer thread: it ends once nothing was asked for idle seconds."
+        while True:
+            with self._jobs:
+                if not self._jobs.wait_for(lambda: self._wanted is not None, idle):
+                    self._log_thread = None
+                    return
+                (current, now), self._wanted = self._wanted, None
+                self._busy_since = time.monotonic()
+            try:
+                self._catch_up(current, now)
+            except Exception:
+                logger.exception("writing log files to %s failed", self.folder)
+            finally:
+                with self._jobs:
+                    self._busy_since = None
+                    self._jobs.notify_all()
+            if self.stalled:
+                self.stalled = False
+                logger.warning("writing log files to %s has returned", self.folder)
 
     def recover(self):
         "Complete the partial files of this device that a crash left behind; whole rows are kept."
@@ -608,13 +687,19 @@ class LogWriter:
     def _catch_up(self, current, now):
         "Write every finished file still unwritten, then current's new rows."
         try:
-            while self.unwritten:
-                self._open_for(self.unwritten[0])
+            while True:
+                with self._jobs:
+                    if not self.unwritten:
+                        break
+                    first = self.unwritten[0]
+                self._open_for(first)
                 self._append_rest()
                 self._finalize()
-                self.unwritten_bytes -= self.unwritten.popleft().size
-            if current is not None and current.rows:
-                self._open_for(current)
+                with self._jobs:  # unless finish() dropped it meanwhile
+                    if self.unwritten and self.unwritten[0] is first:
+                        self.unwritten_bytes -= self.unwritten.popleft().size
+            if current is not None and current.rows and not current.finished:
+                self._open_for(current)  # (finished since it was asked: written above)
                 self._append_rest()
         except OSError as exc:
             self._failed(exc, now)
@@ -715,7 +800,7 @@ class TemperatureLog:
     into the current log file, which is cut every log_period seconds, or
     early at max_file_bytes; finished files wait in a bounded backlog until
     sent. With a log_dir, every reading is also on disk as it is logged
-    (see LogWriter)."""
+    (see LogWriter: in a thread of its own unless background is False)."""
 
     def __init__(
         self,
@@ -725,11 +810,14 @@ class TemperatureLog:
         log_dir=None,
         max_backlog=16,
         max_file_bytes=MAX_FILE_BYTES,
+        background=True,
     ):
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.file_prefix = file_prefix(name)
-        self.writer = LogWriter(log_dir, self.file_prefix) if log_dir is not None else None
+        self.writer = None
+        if log_dir is not None:
+            self.writer = LogWriter(log_dir, self.file_prefix, background=background)
         self.backlog = collections.deque()
         self.max_backlog = max_backlog
         self.max_file_bytes = max_file_bytes
@@ -750,6 +838,10 @@ class TemperatureLog:
         if self.logging:
             self._finish_file(None)
             self._logfile = None
+
+    def flush(self, timeout=DISK_TIMEOUT):
+        "Wait up to timeout seconds for the log rows to be on the disk (see LogWriter)."
+        return self.writer is None or self.writer.flush(timeout)
 
     def next_unsent(self):
         "The oldest finished file not yet sent, or None."
@@ -1889,7 +1981,9 @@ class SavedSettings:
     may share. Every accepted change is saved at once by save_soon(), in a
     worker thread (the answer to a request does not wait for the disk); a
     burst of changes is written at most every SAVE_SPACING seconds, the
-    latest values last."""
+    latest values last. The file is read and written off the event loop,
+    and a disk that does not answer within DISK_TIMEOUT is said to hang:
+    the driver goes on (a hung write is waited for before the next)."""
 
     def __init__(self, path, device, setters, given=()):
         self.path = Path(path) if path is not None else None
@@ -1934,6 +2028,14 @@ class SavedSettings:
         if self.path is not None:
             write_config(self.path, self.device.devicename, self.current())
 
+    async def on_disk(self, function, *args):
+        """function(*args) in a worker thread; its result, or TimeoutError (an
+        OSError) if the disk has not answered within DISK_TIMEOUT."""
+        call = in_thread(function, *args)
+        if not (await asyncio.wait([call], timeout=DISK_TIMEOUT))[0]:
+            raise TimeoutError(errno.ETIMEDOUT, f"no answer from the disk in {DISK_TIMEOUT:g} s")
+        return call.result()
+
     def save_soon(self):
         self._save_wanted = self.path is not None
         if self._save_wanted and (self._saver is None or self._saver.done()):
@@ -1943,8 +2045,14 @@ class SavedSettings:
         while self._save_wanted:
             self._save_wanted = False
             requests = self.current()
+            saving = in_thread(write_config, self.path, self.device.devicename, requests)
+            if not (await asyncio.wait([saving], timeout=DISK_TIMEOUT))[0]:
+                logger.warning("%s: configuration file %s: no answer from the disk in %g s; "
+                               "the change is saved once it answers", self.device.devicename,
+                               self.path, DISK_TIMEOUT)  # fmt: skip
+                await asyncio.wait([saving])  # this task waits, not the driver
             try:
-                await asyncio.to_thread(write_config, self.path, self.device.devicename, requests)
+                saving.result()
             except OSError as exc:
                 problem = config_problem(self.path, exc)
                 logger.warning("%s: %s", self.device.devicename, problem)
@@ -1954,9 +2062,9 @@ class SavedSettings:
             await asyncio.sleep(SAVE_SPACING)
 
     async def finish(self):
-        "Wait for the last change to reach the file."
+        "Wait for the last change to reach the file, unless the disk hangs."
         if self._saver is not None:
-            await self._saver
+            await asyncio.wait([self._saver], timeout=DISK_TIMEOUT)
 
     async def load_at_start(self, log):
         """Apply the saved settings but those given explicitly; a file that
@@ -1964,7 +2072,7 @@ class SavedSettings:
         if self.path is None:
             return
         try:
-            requests = [r for r in self.read() if r.get("name") not in self.given]
+            requests = [r for r in await self.on_disk(self.read) if r.get("name") not in self.given]
             await self.apply(requests, publish=False)
         except FileNotFoundError:
             log.debug("no saved configuration in %s yet", self.path)  # a first start
@@ -2002,17 +2110,21 @@ class SavedSettings:
         try:
             match action:
                 case "CONFIG_LOAD":
-                    await self.apply(self.read())
+                    await self.apply(await self.on_disk(self.read))
                     return f"Device configuration applied from {self.path}."
                 case "CONFIG_SAVE":
-                    self.save()
+                    await self.on_disk(
+                        write_config, self.path, self.device.devicename, self.current()
+                    )
                     return f"Device configuration saved to {self.path}."
                 case "CONFIG_DEFAULT":
                     await self.apply(self.defaults)
-                    self.save()
+                    await self.on_disk(
+                        write_config, self.path, self.device.devicename, self.current()
+                    )
                     return "Default configuration loaded and saved."
                 case "CONFIG_PURGE":
-                    self.path.unlink()
+                    await self.on_disk(self.path.unlink)
                     return f"Configuration file {self.path} purged."
         except FileNotFoundError:
             if action == "CONFIG_LOAD":  # as libindi: Alert, and news rather than a warning
@@ -2342,6 +2454,7 @@ class ThermoDriver(IPyDriver):
             self.templog.start(datetime.now(timezone.utc))
         else:
             self.templog.stop()
+            await in_thread(self.templog.flush)  # and on the disk, unless it hangs
             await self.send_log_files()  # the partial file goes out, it is not discarded
         status = "On" if self.templog.logging else "Off"
         event.vector["switchmember"] = status
@@ -2397,6 +2510,7 @@ class ThermoDriver(IPyDriver):
             updates.cancel()
             self.templog.stop()
             await asyncio.wait([updates])
+            await in_thread(self.templog.flush)  # the last rows, unless the disk hangs
 
     async def control_loop(self):
         self.timer.start()
@@ -4586,6 +4700,7 @@ def serve_guarded(args, prog, sensor, heater, guard, heater_known_off):
         serving = serve_until_stopped(server)
         status = run_event_loop(announcing(serving, notifier, driver.started, server.listening))
     heater_known_off[0] = not driver.off_failed_at_stop and driver.thermostat.known_off
+    driver.templog.flush()  # the last log rows, written in a thread of their own
     return 1 if driver.off_failed_at_stop else status
 
 

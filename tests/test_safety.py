@@ -319,3 +319,84 @@ def test_systemd_analyze_verify_finds_nothing_wrong_with_the_printed_unit(tmp_pa
                           text=True, timeout=60)
     said = [line for line in (done.stdout + done.stderr).splitlines() if unit.name in line]
     assert done.returncode == 0 and said == []
+
+
+# -- 4: nothing blocks the control loop ---------------------------------------------------
+
+
+def run(*argv):
+    subprocess.run([str(word) for word in argv], check=True, capture_output=True, timeout=60)
+
+
+def rows_on_disk(folder):
+    return sum(len(path.read_text().splitlines()) - 1 for path in folder.glob("*.csv*"))
+
+
+@pytest.fixture
+def freezable_disk(tmp_path):
+    """A small loop-mounted ext4 file system (the suite runs as root): yields
+    (its folder, freeze, thaw); always thawed and unmounted afterwards."""
+    image, folder = tmp_path / "disk.img", tmp_path / "disk"
+    folder.mkdir()
+    run("truncate", "-s", "16M", image)
+    run("mkfs.ext4", "-q", "-F", image)
+    run("mount", "-o", "loop", image, folder)
+    frozen = []
+
+    def freeze():
+        run("fsfreeze", "--freeze", folder)
+        frozen.append(True)
+
+    def thaw():
+        if frozen:
+            run("fsfreeze", "--unfreeze", folder)
+            frozen.clear()
+
+    try:
+        yield folder, freeze, thaw
+    finally:
+        thaw()
+        subprocess.run(["umount", str(folder)], check=False, capture_output=True, timeout=60)
+        if os.path.ismount(folder):
+            run("umount", "-l", folder)
+
+
+def test_a_disk_that_stops_answering_holds_up_neither_the_limits_nor_the_clients(
+        recorder, freezable_disk):
+    disk, freeze, thaw = freezable_disk
+    process, port = serve(recorder, *sensor(recorder), "--target", "25", "--max-heater-on", "3",
+                          "--log-dir", disk / "logs", "--config", disk / "config.xml")
+    try:
+        client = watch(port)
+        client.send('<newSwitchVector device="Thermostat" name="switchvector">'
+                    '<oneSwitch name="switchmember">On</oneSwitch></newSwitchVector>')
+        client.expect(named("switchvector", state="Ok"))
+        wait_until(lambda: recorder.last_is("on"), what="the heater on")
+        count = len(recorder.words()) - 1
+        rows_before = rows_on_disk(disk / "logs")
+        freeze()
+        frozen_at = time.monotonic()
+        try:
+            asked = time.monotonic()
+            client.send(new_number("Thermostat", "targetvector", "target", 26))  # saved: it hangs
+            client.expect(named("targetvector", state="Busy"), timeout=2)
+            answered = time.monotonic() - asked
+            wait_until(lambda: recorder.last_is("off", count + 1), timeout=8,
+                       what="the heater off at its limit")
+            while time.monotonic() - frozen_at < 10:  # readings go on, all through the freeze
+                client.expect(named("temperaturevector", state="Ok"), timeout=1)
+        finally:
+            thaw()
+        seconds = on_time(recorder, count)
+        print(f"heater on {seconds:.3f} s against a 3 s limit with the disk frozen 10 s; "
+              f"a client answered in {answered:.3f} s during it")
+        assert 2.9 < seconds < 4
+        # 200 readings came during the freeze: they reach the disk once it answers
+        wait_until(lambda: rows_on_disk(disk / "logs") > rows_before + 150, timeout=10,
+                   what="the rows written once the disk answers")
+        client.close()
+    finally:
+        said = stop(process)
+    assert said.count("has not returned within") == 1  # the stall said once
+    assert "writing log files to" in said and "has returned" in said
+    assert "no answer from the disk" in said  # the configuration file's write
