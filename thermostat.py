@@ -1747,6 +1747,22 @@ def widened(limits, value):
     return dict(min=min(limits[0], value), max=max(limits[1], value))
 
 
+def check_ceiling(vector, values):
+    """ValueError if a request raises a limit above its declared maximum, the
+    operator's ceiling: a client may tighten the safety limits, never loosen them."""
+    for member in set(vector.data) & set(values):
+        ceiling = float(vector.data[member].max)
+        try:
+            wanted = parse_number(values[member], member, -math.inf, math.inf)
+        except ValueError:
+            continue  # not a number: the range check says so
+        if wanted > ceiling:
+            raise ValueError(
+                f"{member} {wanted:g} is above the operator's limit {ceiling:g}: "
+                "a client may tighten the safety limits, never loosen them"
+            )
+
+
 def control_properties(poll_interval):
     "libindi's CONNECTION, DRIVER_INFO and POLLING_PERIOD, as its clients (Ekos) expect them."
     return [
@@ -2275,6 +2291,34 @@ class PollTimer:
             self._sleep = None
 
 
+class SafetySchedule:
+    """When the control loop must wake between polls, whatever the poll
+    interval a client sets: when the heater-on limit runs out, every
+    safety_check seconds while heating (a sensor read, for the maximum
+    temperature), and for systemd's watchdog (notifier: pinged when due).
+    clock is the safety timers' monotonic clock; regulated() says whether
+    the thermostat is regulated (the driver connected)."""
+
+    def __init__(self, thermostat, clock, regulated, safety_check=SAFETY_CHECK):
+        self.thermostat, self.clock, self.regulated = thermostat, clock, regulated
+        self.safety_check = safety_check
+        self.notifier = ServiceNotifier({})  # systemd's, when run by it (main sets it)
+        self.last_read = -math.inf  # when the sensor was last read
+
+    def delay(self):
+        "Seconds until the next wake; the watchdog is pinged here when due."
+        now, thermostat = self.clock(), self.thermostat
+        due = min(self.notifier.watchdog(now), thermostat.heater_deadline())
+        if thermostat.heater_on and self.regulated():
+            due = min(due, self.last_read + self.safety_check)
+        return due - now
+
+    def read_due(self):
+        "True if the heater is on and the sensor was last read safety_check seconds ago."
+        return (self.thermostat.heater_on and self.regulated()
+                and self.clock() >= self.last_read + self.safety_check)  # fmt: skip
+
+
 class ThermoDriver(IPyDriver):
     """Serves one thermostat as one INDI device.
 
@@ -2311,10 +2355,8 @@ class ThermoDriver(IPyDriver):
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
         self.timer = PollTimer(poll_interval)
-        self.notifier = ServiceNotifier({})  # systemd's, when run by it (main sets it)
+        self.schedule = SafetySchedule(thermostat, hardware.clock, lambda: self.connected)
         self.started = asyncio.Event()  # set once the heater is first known off
-        self.safety_check = SAFETY_CHECK  # seconds between sensor reads while heating, at most
-        self._last_read = -math.inf  # when the sensor was last read (equipment.clock)
         self._sending_files = asyncio.Lock()
         self.answers = DeviceAnswers(device)
         self.reject, self.refuse = self.answers.reject, self.answers.refuse
@@ -2322,7 +2364,7 @@ class ThermoDriver(IPyDriver):
 
     def shutdown(self):
         super().shutdown()
-        self.notifier.stopping()
+        self.schedule.notifier.stopping()
         self.equipment.interrupt()
         self.timer.wake_up()
 
@@ -2423,18 +2465,7 @@ class ThermoDriver(IPyDriver):
         return apply
 
     def set_limits(self, values):
-        vector = self.device[SAFETY_LIMITS]
-        for member in ("maxtemperature", "maxheateron"):
-            ceiling = float(vector.data[member].max)  # the operator's (see thermostat_properties)
-            try:
-                wanted = parse_number(values.get(member, ceiling), member, -math.inf, math.inf)
-            except ValueError:
-                continue  # not a number: checked_number says so
-            if wanted > ceiling:
-                raise ValueError(
-                    f"{member} {wanted:g} is above the operator's limit {ceiling:g}: "
-                    "a client may tighten the safety limits, never loosen them"
-                )
+        check_ceiling(self.device[SAFETY_LIMITS], values)
         limits = {member: self.checked_number(values, SAFETY_LIMITS, member)
                   for member in ("maxtemperature", "maxheateron") if member in values}  # fmt: skip
 
@@ -2514,35 +2545,25 @@ class ThermoDriver(IPyDriver):
 
     async def control_loop(self):
         self.timer.start()
-        while await self.timer.next_poll(lambda: self.stop, self.safety_delay, self.safety_wake):
+        while await self.timer.next_poll(lambda: self.stop, self.schedule.delay, self.safety_wake):
             if self.connected:
                 await self.poll()
             elif not self.thermostat.known_off:
                 await self.switch_off_while_disconnected()  # a Disconnect's off failed: try again
 
-    def safety_delay(self):
-        """Seconds until the control loop must wake whatever the poll interval:
-        for the heater-on limit, a sensor read every safety_check seconds
-        while heating, and systemd's watchdog (pinged here, when due)."""
-        thermostat, now = self.thermostat, self.equipment.clock()
-        due = min(self.notifier.watchdog(now), thermostat.heater_deadline())
-        if thermostat.heater_on and self.connected:
-            due = min(due, self._last_read + self.safety_check)
-        return due - now
-
     async def safety_wake(self):
         "Between polls: the heater off when its on-time runs out, the sensor read while heating."
-        thermostat, now = self.thermostat, self.equipment.clock()
-        if thermostat.expire(now):
+        thermostat = self.thermostat
+        if thermostat.expire(self.equipment.clock()):
             if await self.equipment.follow(thermostat, self.in_control):
                 self.offer(thermostat.reading(datetime.now(timezone.utc)))
-        elif thermostat.heater_on and self.connected and now >= self._last_read + self.safety_check:
+        elif self.schedule.read_due():
             await self.poll()
 
     async def poll(self):
         thermostat = self.thermostat
         try:
-            self._last_read = self.equipment.clock()
+            self.schedule.last_read = self.equipment.clock()
             measured = await self.equipment.read()
             if not self.in_control():
                 return  # it went while the sensor was read
@@ -2805,7 +2826,7 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
     driver = ThermoDriver(Device(devicename, properties), thermostat, templog,
                           Hardware(sensor, heater, hardware_timeout, guard), poll_interval,
                           config=config, given=given, debug=debug)  # fmt: skip
-    driver.safety_check = safety_check
+    driver.schedule.safety_check = safety_check
     return driver
 
 
@@ -4685,7 +4706,7 @@ def serve_guarded(args, prog, sensor, heater, guard, heater_known_off):
         return 2
     if _signals_before_serving:
         return 0  # stopped during start-up: nothing served, nothing logged
-    driver.notifier = notifier = ServiceNotifier()
+    driver.schedule.notifier = notifier = ServiceNotifier()
     heater_known_off[0] = False
     if args.stdio:
         status = run_event_loop(announcing(serve_stdio(driver), notifier, driver.started))
