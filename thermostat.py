@@ -1611,6 +1611,11 @@ class Hardware:
     def resume(self):
         self._interrupted.clear()
 
+    @property
+    def interrupted(self):
+        "True from a stop until resume()."
+        return self._interrupted.is_set()
+
     async def read(self):
         """A reading: degrees, or the exception saying why there is none. A
         slow sensor's read that has not returned in time is waited for again
@@ -1758,8 +1763,8 @@ def check_ceiling(vector, values):
             continue  # not a number: the range check says so
         if wanted > ceiling:
             raise ValueError(
-                f"{member} {wanted:g} is above the operator's limit {ceiling:g}: "
-                "a client may tighten the safety limits, never loosen them"
+                f"{member} must be at most the operator's limit {ceiling:g} (a client may "
+                f"tighten the safety limits, never loosen them); received {values[member]!r}"
             )
 
 
@@ -2520,6 +2525,8 @@ class ThermoDriver(IPyDriver):
     async def asyncrun(self):
         self.equipment.resume()
         await self.settings.load_at_start(self.log)  # before any request or definition
+        if self.equipment.interrupted:
+            return  # stopped while the file was read: the foundation's asyncrun would undo that
         try:
             await super().asyncrun()
         finally:

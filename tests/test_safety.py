@@ -211,7 +211,7 @@ def test_a_saved_file_cannot_loosen_the_built_in_limits_either(recorder, tmp_pat
         client.close()
     finally:
         said = stop(process)
-    assert "above the operator's limit 50" in said
+    assert "maxtemperature must be at most the operator's limit 50" in said
 
 
 # -- 5: bounded reads from commands ---------------------------------------------------------
