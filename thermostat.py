@@ -108,9 +108,7 @@ HYSTERESIS = 0.5  # the heater switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor
-SAFETY_CHECK = (
-    5.0  # seconds between sensor reads while heating, at most, whatever the poll interval
-)
+SAFETY_CHECK = 5.0  # seconds between sensor reads while heating, whatever the poll interval
 
 _UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _INDI_NUMBER = (
@@ -1078,10 +1076,18 @@ class GpioHeater:
         settings = gpiod.LineSettings(
             direction=Direction.OUTPUT, active_low=active_low, output_value=Value.INACTIVE
         )
+
+        def request():
+            return gpiod.request_lines(path, consumer=DRIVER_EXEC, config={self.line: settings})
+
         try:
-            self._request = gpiod.request_lines(
-                path, consumer=DRIVER_EXEC, config={self.line: settings}
-            )
+            try:
+                self._request = request()
+            except OSError as exc:
+                holder = _line_consumer(gpiod, path, self.line)
+                if exc.errno != errno.EBUSY or not stop_lingering_guard(holder):
+                    raise
+                self._request = request()  # it was held off by the guard of a driver that died
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot use GPIO line {line} of {path}: {exc}") from None
 
@@ -1548,6 +1554,15 @@ def stop_lingering_guard(consumer, timeout=2.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def _line_consumer(gpiod, path, line):
+    "The consumer holding a GPIO line, or None if that cannot be told."
+    try:
+        with gpiod.Chip(path) as chip:
+            return chip.get_line_info(line).consumer
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def in_thread(function, *args):

@@ -14,6 +14,8 @@ import time
 import pytest
 from conftest import FAST, ROOT, IndiClient, free_port, wait_for_port, wait_until
 
+import thermostat
+
 RECORDER = """#!/bin/sh
 # appends "on TIME" or "off TIME" (seconds since the epoch) to heater.log beside it
 echo "$1 $(date +%s.%N)" >> "$(dirname "$0")/heater.log"
@@ -158,3 +160,103 @@ def test_a_dead_guard_is_an_alert_that_holds_the_heater_off(recorder):
         process.terminate()
         process.wait(timeout=10)
     assert "heater guard was killed by SIGKILL" in process.stderr.read()
+
+
+FAKE_GPIOD = {
+    "gpiod/__init__.py": '''
+"A stand-in for libgpiod 2's bindings: the line is busy while $FAKE_GPIOD_HOLDER runs."
+import os
+from .line import Direction, Value
+
+
+def holder_runs():
+    try:
+        stat = open(f"/proc/{os.environ['FAKE_GPIOD_HOLDER']}/stat").read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class LineSettings:
+    def __init__(self, direction=None, active_low=False, output_value=None):
+        self.direction, self.active_low, self.output_value = direction, active_low, output_value
+
+
+class Request:
+    def set_value(self, line, value):
+        pass
+
+
+def request_lines(path, consumer=None, config=None):
+    if holder_runs():
+        raise OSError(16, "Device or resource busy")
+    return Request()
+
+
+class Info:
+    consumer = "thermostat-guard-" + os.environ["FAKE_GPIOD_HOLDER"]
+
+
+class Chip:
+    def __init__(self, path):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def get_line_info(self, line):
+        return Info()
+''',
+    "gpiod/line.py": '''
+import enum
+
+
+class Direction(enum.Enum):
+    AS_IS, INPUT, OUTPUT = 1, 2, 3
+
+
+class Value(enum.Enum):
+    INACTIVE, ACTIVE = 0, 1
+''',
+}
+
+
+@pytest.fixture
+def fake_gpiod(tmp_path, monkeypatch):
+    "Import the stand-in gpiod; yields a function that names the process holding the line."
+    for name, text in FAKE_GPIOD.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield lambda pid: monkeypatch.setenv("FAKE_GPIOD_HOLDER", str(pid))
+    for name in ("gpiod", "gpiod.line"):
+        sys.modules.pop(name, None)
+
+
+def test_a_gpio_line_held_off_by_a_dead_drivers_guard_is_taken_over(tmp_path, fake_gpiod):
+    # a guard left holding the line (it does until SIGTERM), as its cmdline marks it
+    lingering = subprocess.Popen(
+        [sys.executable, "-c", thermostat.GUARD_MARK + "\nimport time\ntime.sleep(60)"])
+    try:
+        fake_gpiod(lingering.pid)
+        heater = thermostat.GpioHeater(str(tmp_path / "gpiochip0"), "17", active_low=True)
+        assert lingering.wait(timeout=5) == -signal.SIGTERM
+        heater.switch(False)
+    finally:
+        lingering.kill()
+        lingering.wait()
+
+
+def test_a_gpio_line_busy_for_another_reason_is_a_clear_error(tmp_path, fake_gpiod):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fake_gpiod(other.pid)
+        with pytest.raises(RuntimeError, match="Device or resource busy"):
+            thermostat.GpioHeater(str(tmp_path / "gpiochip0"), "17")
+        assert other.poll() is None  # not a guard: left alone
+    finally:
+        other.kill()
+        other.wait()
