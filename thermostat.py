@@ -27,11 +27,14 @@ import collections
 import contextvars
 import errno
 import hashlib
+import importlib.util
 import itertools
+import locale
 import logging
 import math
 import os
 import re
+import select
 import shlex
 import signal
 import socket
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import urllib.parse
 import weakref
 import xml.etree.ElementTree as ET
@@ -107,6 +111,7 @@ HYSTERESIS = 0.5  # the heater switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor
+SAFETY_CHECK = 5.0  # seconds between sensor reads while heating, whatever the poll interval
 
 _UNSIGNED = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _INDI_NUMBER = (
@@ -207,6 +212,11 @@ class Simulator:
         self.heater_on = on
 
 
+def _seconds(now, clock):
+    "The time for the safety timers: clock (monotonic seconds) if given, else now's."
+    return now.timestamp() if clock is None else clock
+
+
 class ThermalControl:
     """A thermostat's regulation. Each step() takes what the sensor measured,
     refuses an implausible reading (which holds the heater off until good
@@ -215,7 +225,13 @@ class ThermalControl:
     and off with a latched alarm after max_heater_on seconds of continuous
     heating. What the heater must be switched to is heater_command(); the
     outcome of each switch comes back through heater_switched(). valid_range
-    is the sensor's plausible range, if it has one."""
+    is the sensor's plausible range, if it has one.
+
+    The safety timers (heater-on, stuck) follow `clock`, a monotonic time in
+    seconds that the driver passes in (its time.monotonic), so that a step
+    of the system clock neither trips nor delays them; left out, they follow
+    now, the UTC time of the readings. heater_deadline() says when the
+    heater-on limit runs out, and expire(clock) enforces it between polls."""
 
     def __init__(
         self,
@@ -244,7 +260,8 @@ class ThermalControl:
         self.sensor_fault = self.heater_fault = None
         self.over_max = False  # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
-        self._on_since = None  # when the heater was switched on
+        self.guard_fault = None  # why nothing outside the driver would switch the heater off
+        self._on_since = None  # when the heater was switched on (clock)
         self._last_value = None  # the last value read, and since when
         self._value_since = None
         self._stuck = False
@@ -274,14 +291,16 @@ class ThermalControl:
             )
         else:
             limit = None
-        return Safety(self.sensor_fault, self.heater_fault, limit, self.on_time_alarm)
+        heater = self.heater_fault or self.guard_fault
+        return Safety(self.sensor_fault, heater, limit, self.on_time_alarm)
 
-    def step(self, now, measured):
+    def step(self, now, measured, clock=None):
         """Advance one poll at time now (an aware UTC datetime) and return the
         reading. measured is what the sensor read: degrees Celsius, or the
         exception that says why it could not."""
-        self._check(measured, now)
-        self._regulate(now)
+        clock = _seconds(now, clock)
+        self._check(measured, clock)
+        self._regulate(clock)
         return self.reading(now)
 
     def reading(self, now):
@@ -296,7 +315,7 @@ class ThermalControl:
             return False
         return None if self.heater_wanted == self.heater_on else self.heater_wanted
 
-    def heater_switched(self, on, now, error=None):
+    def heater_switched(self, on, now, error=None, clock=None):
         """Record the outcome of switching the heater on or off (error: the
         exception that says why it failed)."""
         if error is not None:
@@ -305,10 +324,33 @@ class ThermalControl:
             self._set_fault("heater_fault", f"switching it {state} failed: {failure_reason(error)}")
             return
         if on and not self.heater_on:
-            self._on_since = now
+            self._on_since = _seconds(now, clock)
         self.heater_on, self.heater_known = on, True
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
+
+    def heater_deadline(self):
+        "When (clock) the heater-on limit runs out: math.inf unless the heater is on."
+        if self.heater_on and not self.on_time_alarm:
+            return self._on_since + self.max_heater_on
+        return math.inf
+
+    def expire(self, clock):
+        """Enforce the heater-on limit at clock, between polls: True if that
+        latched the alarm (the heater is then wanted off)."""
+        if self.heater_on and not self.on_time_alarm and clock >= self.heater_deadline():
+            self.on_time_alarm = True
+            self.heater_wanted = False
+            logger.error("%s: %s", self.name, self.safety.limit)
+            return True
+        return False
+
+    def guarded(self, problem):
+        """problem: None while a guard would switch the heater off should the
+        driver die, else why it would not; until it is None the heater is off."""
+        self._set_fault("guard_fault", problem)
+        if problem:
+            self.heater_wanted = False
 
     def stand_by(self):
         "Nothing is regulated now (the driver is disconnected): the heater is wanted off."
@@ -355,7 +397,7 @@ class ThermalControl:
             self._last_value, self._value_since, self._stuck = value, now, False
         elif self.heater_on and not self._stuck:
             unchanged_while_on = now - max(self._value_since, self._on_since)
-            self._stuck = unchanged_while_on.total_seconds() >= self.stuck_after
+            self._stuck = unchanged_while_on >= self.stuck_after
         return self._stuck
 
     def _regulate(self, now):
@@ -384,14 +426,14 @@ class ThermalControl:
                     "%s: heater-on time alarm re-armed: the temperature is back within the band",
                     self.name,
                 )
-        if (
-            self.heater_on
+        self.expire(now)
+        self.heater_wanted = (
+            self.demand
+            and good
+            and not self.over_max
             and not self.on_time_alarm
-            and (now - self._on_since).total_seconds() >= self.max_heater_on
-        ):
-            self.on_time_alarm = True
-            logger.error("%s: %s", self.name, self.safety.limit)
-        self.heater_wanted = self.demand and good and not self.over_max and not self.on_time_alarm
+            and not self.guard_fault
+        )
 
     def _set_fault(self, kind, fault):
         "Set sensor_fault or heater_fault, logging each change."
@@ -412,6 +454,7 @@ class ThermalControl:
 
 MAX_FILE_BYTES = 1 << 20  # a log file is cut early at this size: the bound of one BLOB
 MAX_UNWRITTEN_BYTES = 8 << 20  # log rows held in memory while log_dir cannot be written
+DISK_TIMEOUT = 5.0  # seconds a log or configuration write may take before it counts as stalled
 
 
 def file_prefix(devicename):
@@ -436,6 +479,7 @@ class LogFile:
     rows: list = field(default_factory=list)
     size: int = 0  # bytes of its content
     first: datetime = None  # the time of its first reading
+    finished: bool = False  # complete: no row is added any more
 
     HEADER = "timestamp,temperature\n"
 
@@ -500,12 +544,34 @@ class LogWriter:
     and the disk is caught up, oldest first, at the first retry that works
     (one every retry_seconds of readings). One error says when writing
     starts failing, one line when it works again; a file is never left with
-    half a row."""
+    half a row.
 
-    def __init__(self, folder, prefix, *, max_unwritten=MAX_UNWRITTEN_BYTES, retry_seconds=1.0):
+    The disk is written in a thread of its own, so that a disk that stops
+    answering (an SD card, a USB stick, a network mount) holds up neither
+    the regulation nor the clients: while a write has not returned within
+    timeout seconds, one error says so, and rows wait in memory as for a
+    full disk. flush() waits for what is asked to be written. With
+    background False, writes are made in the caller's thread instead."""
+
+    def __init__(
+        self,
+        folder,
+        prefix,
+        *,
+        max_unwritten=MAX_UNWRITTEN_BYTES,
+        retry_seconds=1.0,
+        timeout=DISK_TIMEOUT,
+        background=True,
+    ):
         check_log_dir(folder)
         self.folder, self.prefix = Path(folder), prefix
         self.max_unwritten, self.retry_seconds = max_unwritten, retry_seconds
+        self.timeout, self.background = timeout, background
+        self.stalled = False  # a write has not returned within timeout
+        self._jobs = threading.Condition()  # guards unwritten and what follows
+        self._wanted = None  # (current, now): what the writer thread is to write next
+        self._busy_since = None  # time.monotonic() when the write under way began
+        self._log_thread = None  # the writer thread, while it runs
         self.unwritten = collections.deque()  # finished files not yet on disk, oldest first
         self.unwritten_bytes = 0
         self.failure = None  # why writing fails, while it does
@@ -518,25 +584,80 @@ class LogWriter:
     def append(self, logfile, now):
         "logfile, the file being logged, has a new last row: put it on the disk."
         if self.failure is None or now >= self._retry_at:
-            self._catch_up(logfile, now)
+            self._ask(logfile, now)
 
     def finish(self, logfile, now=None):
         """logfile is complete: it goes on the disk under its final name, at
         once or at a later retry (when now is None, writing is tried at once)."""
-        self.unwritten.append(logfile)
-        self.unwritten_bytes += logfile.size
-        while self.unwritten_bytes > self.max_unwritten:
-            dropped = self.unwritten.popleft()
-            self.unwritten_bytes -= dropped.size
-            logger.error(
-                "log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
-                self.folder,
-                self.max_unwritten,
-                dropped.name,
-                len(dropped.rows),
-            )
+        with self._jobs:
+            logfile.finished = True
+            self.unwritten.append(logfile)
+            self.unwritten_bytes += logfile.size
+            while self.unwritten_bytes > self.max_unwritten:
+                dropped = self.unwritten.popleft()
+                self.unwritten_bytes -= dropped.size
+                logger.error(
+                    "log rows waiting to be written to %s exceed %d bytes: dropped %s (%d rows)",
+                    self.folder,
+                    self.max_unwritten,
+                    dropped.name,
+                    len(dropped.rows),
+                )
         if self.failure is None or now is None or now >= self._retry_at:
-            self._catch_up(None, now)
+            self._ask(None, now)
+
+    def flush(self, timeout):
+        "Wait up to timeout seconds for what was asked to be on the disk; False if it is not."
+        with self._jobs:
+            return self._jobs.wait_for(
+                lambda: self._wanted is None and self._busy_since is None, timeout
+            )
+
+    def _ask(self, current, now):
+        "Have the writer thread catch up (the latest ask wins: finished files wait in unwritten)."
+        if not self.background:
+            self._catch_up(current, now)
+            return
+        with self._jobs:
+            self._wanted = (current, now)
+            self._jobs.notify_all()
+            if self._log_thread is None:
+                self._log_thread = threading.Thread(
+                    target=self._write_when_asked, daemon=True, name="thermostat-log-writer"
+                )
+                self._log_thread.start()
+            busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.timeout:
+            if not self.stalled:
+                self.stalled = True
+                logger.error(
+                    "writing log files to %s has not returned within %g s (a disk that stopped "
+                    "answering?): rows wait in memory, up to %g MiB",
+                    self.folder,
+                    self.timeout,
+                    self.max_unwritten / 2**20,
+                )
+
+    def _write_when_asked(self, idle=1.0):
+        "The writer thread: it ends once nothing was asked for idle seconds."
+        while True:
+            with self._jobs:
+                if not self._jobs.wait_for(lambda: self._wanted is not None, idle):
+                    self._log_thread = None
+                    return
+                (current, now), self._wanted = self._wanted, None
+                self._busy_since = time.monotonic()
+            try:
+                self._catch_up(current, now)
+            except Exception:
+                logger.exception("writing log files to %s failed", self.folder)
+            finally:
+                with self._jobs:
+                    self._busy_since = None
+                    self._jobs.notify_all()
+            if self.stalled:
+                self.stalled = False
+                logger.warning("writing log files to %s has returned", self.folder)
 
     def recover(self):
         "Complete the partial files of this device that a crash left behind; whole rows are kept."
@@ -570,13 +691,19 @@ class LogWriter:
     def _catch_up(self, current, now):
         "Write every finished file still unwritten, then current's new rows."
         try:
-            while self.unwritten:
-                self._open_for(self.unwritten[0])
+            while True:
+                with self._jobs:
+                    if not self.unwritten:
+                        break
+                    first = self.unwritten[0]
+                self._open_for(first)
                 self._append_rest()
                 self._finalize()
-                self.unwritten_bytes -= self.unwritten.popleft().size
-            if current is not None and current.rows:
-                self._open_for(current)
+                with self._jobs:  # unless finish() dropped it meanwhile
+                    if self.unwritten and self.unwritten[0] is first:
+                        self.unwritten_bytes -= self.unwritten.popleft().size
+            if current is not None and current.rows and not current.finished:
+                self._open_for(current)  # (finished since it was asked: written above)
                 self._append_rest()
         except OSError as exc:
             self._failed(exc, now)
@@ -677,7 +804,7 @@ class TemperatureLog:
     into the current log file, which is cut every log_period seconds, or
     early at max_file_bytes; finished files wait in a bounded backlog until
     sent. With a log_dir, every reading is also on disk as it is logged
-    (see LogWriter)."""
+    (see LogWriter: in a thread of its own unless background is False)."""
 
     def __init__(
         self,
@@ -687,11 +814,14 @@ class TemperatureLog:
         log_dir=None,
         max_backlog=16,
         max_file_bytes=MAX_FILE_BYTES,
+        background=True,
     ):
         self.log_period = log_period
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.file_prefix = file_prefix(name)
-        self.writer = LogWriter(log_dir, self.file_prefix) if log_dir is not None else None
+        self.writer = None
+        if log_dir is not None:
+            self.writer = LogWriter(log_dir, self.file_prefix, background=background)
         self.backlog = collections.deque()
         self.max_backlog = max_backlog
         self.max_file_bytes = max_file_bytes
@@ -712,6 +842,10 @@ class TemperatureLog:
         if self.logging:
             self._finish_file(None)
             self._logfile = None
+
+    def flush(self, timeout=DISK_TIMEOUT):
+        "Wait up to timeout seconds for the log rows to be on the disk (see LogWriter)."
+        return self.writer is None or self.writer.flush(timeout)
 
     def next_unsent(self):
         "The oldest finished file not yet sent, or None."
@@ -775,6 +909,7 @@ class TemperatureLog:
 
 SENSOR_RANGE = (-55.0, 125.0)  # the DS18B20's, and a plausible range for a command's readings
 HARDWARE_TIMEOUT = 2.0  # seconds a read or switch may take (a DS18B20 read takes 0.75)
+MAX_OUTPUT = 4096  # bytes a command may print: a reading or a switch's answer is a line
 
 
 class W1Sensor:
@@ -976,9 +1111,13 @@ class IIOSensor:
         return float(text)
 
 
-def run_program(argv, timeout):
+def run_program(argv, timeout, max_output=MAX_OUTPUT):
     """Run argv without a shell, its stdin empty (under --stdio ours is the
-    INDI stream); return its standard output, or raise saying why not."""
+    INDI stream); return its standard output, or raise saying why not.
+    More than max_output bytes of output is a failed run, as is one not done
+    within timeout seconds (output that never ends: `yes 21.5`); of its
+    stderr the last max_output bytes are kept, for the message. A failed
+    run's process group is killed. Memory stays within a few max_outputs."""
     name = shlex.join(argv)
     try:
         # its own session: Ctrl-C at a terminal, meant for us, must not cut short a heater's "off"
@@ -987,37 +1126,84 @@ def run_program(argv, timeout):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
             start_new_session=True,
         )
     except OSError as exc:
         raise OSError(f"cannot run {name}: {exc.strerror or exc}") from None
-    with child:
-        try:
-            output, errors = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+    try:
+        output, errors, failure = _read_output(child, time.monotonic() + timeout, max_output)
+        if failure is not None:
             exited = child.poll() is not None
-            try:
-                os.killpg(
-                    child.pid, signal.SIGKILL
-                )  # its children too, which would hold the pipes open
-            except ProcessLookupError:
-                pass
-            try:
-                child.communicate(timeout=1)
-            except subprocess.TimeoutExpired:
-                # one it started in a session of its own holds them: closed as `with` ends
-                pass
+            _kill_group(child)  # its children too: they may hold the pipes
+            if failure == "too long":
+                raise RuntimeError(
+                    f"{name} printed more than {max_output} bytes, more than a "
+                    f"reading or an answer: it was stopped"
+                )
             if exited:
                 raise TimeoutError(
                     f"{name} exited, but a process it started kept its output open "
                     f"beyond {timeout:g} s"
-                ) from None
-            raise TimeoutError(f"{name} did not finish within {timeout:g} s") from None
+                )
+            raise TimeoutError(f"{name} did not finish within {timeout:g} s")
+    finally:
+        if child.poll() is None:
+            _kill_group(child)  # failed, or an exception here: it must not run on
+            try:
+                child.wait(timeout=1)  # at once, unless stuck in the kernel (then left)
+            except subprocess.TimeoutExpired:
+                pass
+        # One it started in a session of its own may hold the pipes: they are closed, not awaited.
+        child.stdout.close()
+        child.stderr.close()
     if child.returncode != 0:
-        said = errors.strip().splitlines()[-1:] or ["no message"]
+        said = errors.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         raise RuntimeError(f"{name} exited with status {child.returncode}: {said[0]}")
-    return output
+    encoding = locale.getpreferredencoding(False)  # what text=True decoded with
+    try:
+        text = output.decode(encoding)
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} printed bytes that are not {encoding} text") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text=True
+
+
+def _kill_group(child):
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # all gone; or it is another user's (sudo): not ours to kill
+
+
+def _read_output(child, deadline, max_output):
+    """Read child's stdout (at most max_output + 1 bytes) and stderr (its
+    last max_output bytes) until both end and it exits, or until deadline
+    (time.monotonic). Return (stdout, stderr, None), or a failure instead
+    of None: "too long" or "timeout"."""
+    output, errors = bytearray(), bytearray()
+    buffers = {child.stdout.fileno(): output, child.stderr.fileno(): errors}
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    while buffers:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return output, errors, "timeout"
+        for fd, _ in poller.poll(math.ceil(left * 1000)):
+            buffer = buffers[fd]
+            data = os.read(fd, max_output + 1 - len(output) if buffer is output else max_output)
+            if not data:
+                poller.unregister(fd)
+                del buffers[fd]
+                continue
+            buffer += data
+            if len(output) > max_output:
+                return output, errors, "too long"
+            del errors[:-max_output]
+    try:
+        child.wait(max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        return output, errors, "timeout"  # it closed its output, but runs on
+    return output, errors, None
 
 
 class CommandSensor:
@@ -1072,15 +1258,493 @@ class GpioHeater:
         settings = gpiod.LineSettings(
             direction=Direction.OUTPUT, active_low=active_low, output_value=Value.INACTIVE
         )
+
+        def request():
+            return gpiod.request_lines(path, consumer=DRIVER_EXEC, config={self.line: settings})
+
         try:
-            self._request = gpiod.request_lines(
-                path, consumer=DRIVER_EXEC, config={self.line: settings}
-            )
+            try:
+                self._request = request()
+            except OSError as exc:
+                holder = _line_consumer(gpiod, path, self.line)
+                if exc.errno != errno.EBUSY or not stop_lingering_guard(holder):
+                    raise
+                self._request = request()  # it was held off by the guard of a driver that died
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot use GPIO line {line} of {path}: {exc}") from None
 
     def switch(self, on):
         self._request.set_value(self.line, self.values[on])
+
+
+PWM_ROOT = "/sys/class/pwm"
+
+
+class PwmHeater:
+    """A heater on a PWM output through Linux's sysfs PWM interface (a dew
+    heater, a MOSFET): pwm:CHIP:CHANNEL is PWM_ROOT/pwmchipCHIP/pwmCHANNEL,
+    exported beforehand (echo CHANNEL > /sys/class/pwm/pwmchipCHIP/export),
+    its period set. On is a duty cycle of the whole period, off is 0."""
+
+    def __init__(self, chip, channel, root=PWM_ROOT):
+        self.directory = pwm_directory(chip, channel, root)
+        if not (self.directory / "duty_cycle").exists():
+            raise RuntimeError(
+                f"no PWM output {self.directory}: export it first (echo {channel} > "
+                f"{self.directory.parent}/export) and set its period"
+            )
+
+    def switch(self, on):
+        duty = (self.directory / "period").read_text().strip() if on else "0"
+        (self.directory / "duty_cycle").write_text(duty)
+        if on:
+            (self.directory / "enable").write_text("1")
+
+
+def pwm_directory(chip, channel, root=PWM_ROOT):
+    "The sysfs directory of pwm:CHIP:CHANNEL, or ValueError if they are not numbers."
+    if not (chip.isdigit() and channel.isdigit()):
+        raise ValueError(f"pwm:{chip}:{channel}: CHIP and CHANNEL are numbers, as in pwmchip0/pwm1")
+    return Path(root) / f"pwmchip{int(chip)}" / f"pwm{int(channel)}"
+
+
+# The heater guard. The driver starts it at start (start_heater_guard) and
+# keeps the write end of a pipe whose read end is the guard's stdin. The
+# pipe closes when the driver's process ends, however it ends; if the last
+# thing written on it was not STOP_WORD, the guard switches the heater off:
+# `CMD off`, 0 to a PWM duty_cycle, or a GPIO line requested as an output at
+# its inactive level (the kernel released the driver's request). It never
+# switches anything on. It runs in a session of its own (Ctrl-C and a
+# closed terminal reach only the driver) and ignores SIGINT, SIGQUIT,
+# SIGHUP and SIGTSTP. On SIGTERM (systemd's stop signals the whole cgroup at
+# once) it waits up to `grace` seconds for the driver's word, then switches
+# off: whatever ends it, except SIGKILL, it never ends leaving on a heater
+# that it was not told is off. (SIGKILL too is covered under systemd:
+# ExecStopPost runs --heater-off.)
+#
+# It is run as `python -I -S -c HEATER_GUARD_PROGRAM`, not as this file
+# with a hidden option: the program is the running driver's own, whatever
+# the install (pip, pip -e, `python thermostat.py`) and even if the file is
+# replaced by an upgrade meanwhile; and it imports little beyond what
+# Python loads to start (select, errno; no site, no asyncio, no indipydriver):
+# 9.9 MiB resident on x86-64, where importing thermostat.py takes 27.5 MB,
+# and armed 0.03 s after it starts. The GPIO kind alone imports gpiod, from
+# the directory where the driver found it.
+
+STOP_WORD = b"stop\n"
+GUARD_GRACE = 10.0  # seconds a guard sent SIGTERM waits for the driver's word
+GUARD_ARM_TIMEOUT = 10.0  # seconds the guard may take to start (a cold Raspberry Pi Zero)
+GUARD_MARK = "# thermostat heater guard"
+GUARD_CONSUMER = "thermostat-guard-"  # + its pid: the consumer of a GPIO line it holds
+
+HEATER_GUARD_PROGRAM = (
+    GUARD_MARK
+    + r''' (issue 21): see HeaterGuard in thermostat.py.
+# argv: grace timeout KIND WORDS...; stdin: the driver's pipe; stdout: reports to the driver.
+import errno
+import os
+import select
+import signal
+import sys
+import time
+
+STOP_WORD = b"stop\n"
+heard = bytearray()         # the last bytes the driver wrote
+
+
+def say(text, log=True):
+    "A line to the driver (HeaterGuard.problem reads the last) and, if log, to stderr."
+    lines = [(1, text)] + ([(2, f"thermostat heater guard [{os.getpid()}]: {text}")] if log else [])
+    for fd, line in lines:
+        try:
+            os.write(fd, (line + "\n").encode(errors="replace"))
+        except OSError:
+            pass                # the driver is gone, and its end of the pipe with it
+
+
+def wait(wake, deadline=None):
+    """Read the driver's pipe until it ends, a SIGTERM comes (a byte on wake)
+    or deadline passes: "stop" (it ended after the stop word), "ended",
+    "SIGTERM" or "time"."""
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return "time"
+        ready = select.select([0, wake], [], [], left)[0]
+        if wake in ready:
+            os.read(wake, 64)
+            return "SIGTERM"
+        if ready:
+            data = os.read(0, 512)
+            if not data:
+                return "stop" if heard == STOP_WORD else "ended"
+            heard[:] = (bytes(heard) + data)[-len(STOP_WORD):]
+
+
+def spawned(argv, timeout):
+    "Run argv in a session of its own, stdin and stdout /dev/null; None, or why it failed."
+    name = " ".join(argv)
+    try:
+        pid = os.posix_spawnp(argv[0], argv, os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    except OSError as exc:
+        return f"cannot run {name}: {exc.strerror or exc}"
+    deadline, killed = time.monotonic() + timeout, False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() >= deadline:
+            if killed:
+                return f"{name} did not finish within {timeout:g} s, nor end when killed"
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            deadline, killed = time.monotonic() + 1, True
+        time.sleep(0.005)
+    if killed:
+        return f"{name} did not finish within {timeout:g} s"
+    code = os.waitstatus_to_exitcode(status)
+    return None if code == 0 else f"{name} exited with status {code}"
+
+
+def found(program):
+    "Whether program can be run (as posix_spawnp looks for it)."
+    if "/" in program:
+        return os.access(program, os.X_OK)
+    return any(os.access(os.path.join(folder or ".", program), os.X_OK)
+               for folder in os.environ.get("PATH", os.defpath).split(os.pathsep))
+
+
+def zero(path):
+    "Write 0 to path (a PWM duty_cycle); None, or why it failed."
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)     # as `echo 0 >` opens it
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"cannot write 0 to {path}: {exc.strerror or exc}"
+    return None
+
+
+def arm(kind, words, timeout):
+    """Check, while the driver runs, what switching off needs; return the
+    action that switches off, which returns (None or why it failed, a GPIO
+    request to hold or None)."""
+    if kind == "command" and words:
+        if not found(words[0]):
+            raise RuntimeError(f"cannot find {words[0]}")
+        return lambda: (spawned([*words, "off"], timeout), None)
+    if kind == "pwm" and len(words) == 1:
+        if not os.access(words[0], os.W_OK):
+            raise RuntimeError(f"cannot write to {words[0]}")
+        return lambda: (zero(words[0]), None)
+    if kind == "gpio" and len(words) == 4:
+        chip, line, level, where = words
+        if where:
+            sys.path.insert(0, where)
+        import gpiod
+        from gpiod.line import Direction, Value
+        if not os.path.exists(chip):
+            raise RuntimeError(f"no GPIO chip {chip}")
+        settings = gpiod.LineSettings(direction=Direction.OUTPUT, active_low=level == "active-low",
+                                      output_value=Value.INACTIVE)
+        line = int(line) if line.isdigit() else line
+
+        def request():
+            # The driver's request may not be released yet: its process is still being torn down.
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    held = gpiod.request_lines(chip, consumer=f"thermostat-guard-{os.getpid()}",
+                                               config={line: settings})
+                    return None, held
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        why = exc.strerror or exc
+                        return f"cannot request GPIO line {line} of {chip}: {why}", None
+                time.sleep(0.01)
+        return request
+    raise RuntimeError(f"no such heater kind: {' '.join([kind, *words])}")
+
+
+def main(grace, timeout, kind, *words):
+    for name in ("SIGINT", "SIGQUIT", "SIGHUP", "SIGTSTP", "SIGTTIN", "SIGTTOU"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)    # the terminal's, for the driver
+    # SIGTERM interrupts nothing: it writes a byte on wake, which the waits watch.
+    wake, woken = os.pipe()
+    os.set_blocking(woken, False)
+    signal.set_wakeup_fd(woken)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        switch_off = arm(kind, list(words), float(timeout))
+    except Exception as exc:    # noqa: BLE001 - whatever keeps it from arming is said
+        say(f"not armed: {exc}")
+        return 2
+    say("armed", log=False)
+    outcome = terminated = wait(wake)
+    if outcome == "SIGTERM":
+        say(f"SIGTERM: waiting {float(grace):g} s for the driver's word that the heater is off")
+        outcome = wait(wake, time.monotonic() + float(grace))
+    if outcome == "stop":
+        return 0                # the driver switched the heater off itself, and said so
+    reason = {"ended": "the driver ended without saying that the heater is off",
+              "time": "SIGTERM, and the driver did not say that the heater is off",
+              "SIGTERM": "a second SIGTERM"}[outcome]
+    for _ in range(2):
+        error, held = switch_off()
+        if error is None:
+            break
+    if error is not None:
+        say(f"{reason}: switching the heater off failed: {error}")
+        return 1
+    say(f"{reason}: heater switched off")
+    if held is not None:
+        # A GPIO line, held at its inactive level until SIGTERM, for once released its level is
+        # the kernel's (the Raspberry Pi's makes it an input: then the board's pull decides).
+        if terminated != "SIGTERM":
+            select.select([wake], [], [])
+        held.release()
+    return 0
+
+
+sys.exit(main(*sys.argv[1:]))
+'''
+)
+
+
+def guard_action(spec, pwm_root=PWM_ROOT):
+    """What the guard of the heater a --heater SPEC names does to switch it
+    off, as words for HEATER_GUARD_PROGRAM: None for the simulator, else
+    ValueError saying what is wrong."""
+    kind, _, rest = spec.partition(":")
+    if spec == "simulator":
+        return None
+    if kind == "command":
+        try:
+            argv = shlex.split(rest)
+        except ValueError as exc:
+            raise ValueError(
+                f"argument --heater: cannot split {rest!r} into words: {exc}"
+            ) from None
+        if argv:
+            return ["command", *argv]
+    if kind == "pwm" and len(parts := rest.split(":")) == 2:
+        try:
+            return ["pwm", str(pwm_directory(*parts, root=pwm_root) / "duty_cycle")]
+        except ValueError as exc:
+            raise ValueError(f"argument --heater: {exc}") from None
+    if (
+        kind == "gpio"
+        and (parts := rest.split(":"))
+        and len(parts) in (2, 3)
+        and all(parts)
+        and parts[2:] in ([], ["active-low"])
+    ):
+        chip = parts[0]
+        path = (
+            chip
+            if "/" in chip
+            else f"/dev/{chip}"
+            if chip.startswith("gpiochip")
+            else f"/dev/gpiochip{chip}"
+        )
+        found = importlib.util.find_spec("gpiod")
+        if found is None or found.origin is None:
+            raise ValueError(
+                "argument --heater: gpio needs libgpiod's Python bindings: "
+                "pip install 'thermostat[gpio]' (or pip install gpiod)"
+            )
+        where = os.path.dirname(found.origin)
+        if found.submodule_search_locations:
+            where = os.path.dirname(where)  # a package: gpiod/__init__.py
+        return ["gpio", path, parts[1], "active-low" if len(parts) == 3 else "active-high", where]
+    raise ValueError(
+        f"argument --heater: {spec!r} is not simulator, command:CMD, "
+        f"gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"
+    )
+
+
+class HeaterGuard:
+    """The driver's side of a heater guard (see HEATER_GUARD_PROGRAM): start()
+    it before the heater is first switched; at a clean stop, once the heater
+    is known off, stand_down(); if it may still be on, close(). problem() is
+    None while the guard is armed, else why not (for SAFETY_STATUS)."""
+
+    def __init__(self, action, timeout=HARDWARE_TIMEOUT, grace=GUARD_GRACE, python=None, env=None):
+        self.argv = [
+            python or sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            HEATER_GUARD_PROGRAM,
+            f"{grace:g}",
+            f"{timeout:g}",
+            *action,
+        ]
+        self.env = env
+        self.process = None
+        self._pipe = None  # the write end: its closing without STOP_WORD is the alarm
+        self._reports = None  # the read end of the guard's reports
+        self._said = ""  # its last report
+        self._unread = b""
+        self._stood_down = False
+
+    @property
+    def pid(self):
+        return None if self.process is None else self.process.pid
+
+    def start(self, arm_timeout=GUARD_ARM_TIMEOUT):
+        """Start the guard; return once it is armed, or raise RuntimeError saying why it is not."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("the heater guard is already running")
+        self.close()
+        watched, pipe = os.pipe()
+        reports, reporting = os.pipe()
+        try:
+            # a session of its own: a terminal's Ctrl-C or hang-up, meant for the driver, misses it
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=watched,
+                stdout=reporting,
+                close_fds=True,
+                start_new_session=True,
+                env=self.env,
+            )
+        except OSError as exc:
+            os.close(pipe)
+            os.close(reports)
+            raise RuntimeError(f"cannot start the heater guard: {exc.strerror or exc}") from None
+        finally:
+            os.close(watched)
+            os.close(reporting)
+        self._pipe, self._reports, self._said, self._unread = pipe, reports, "", b""
+        self._stood_down = False
+        deadline = time.monotonic() + arm_timeout
+        while self._said == "" and (left := deadline - time.monotonic()) > 0:
+            if not select.select([reports], [], [], left)[0] or not self._read_reports():
+                break
+        if self._said != "armed":
+            self.process.kill()
+            self.process.wait()
+            self.close()
+            said = self._said or f"it said nothing within {arm_timeout:g} s"
+            said = said.removeprefix("not armed: ")
+            raise RuntimeError(f"the heater guard did not start: {said}")
+        os.set_blocking(reports, False)
+        return self
+
+    def problem(self):
+        "None while the guard watches over the heater, else why it does not, in a sentence."
+        if self.process is None:
+            return "no heater guard was started"
+        self._read_reports()
+        status = self.process.poll()
+        if status is None or (status == 0 and self._stood_down):
+            return None
+        if status < 0:
+            what = f"was killed by {signal.Signals(-status).name}"
+        else:
+            what = f"exited with status {status}"
+        said = f" ({self._said})" if self._said not in ("", "armed") else ""
+        return f"the heater guard {what}{said}: nothing switches the heater off if the driver dies"
+
+    def stand_down(self, timeout=2.0):
+        """The heater is known off and the driver stops: tell the guard, which
+        then exits without switching anything. True once it has exited, and
+        cleanly, within timeout seconds."""
+        if self._pipe is not None:
+            try:
+                os.write(self._pipe, STOP_WORD)
+            except OSError:
+                pass  # it died: problem() says so
+        self._stood_down = True
+        self.close()
+        return self._exited(timeout) == 0
+
+    def close(self, timeout=0):
+        """Close the pipe without the stop word, as a driver that ends with the
+        heater perhaps on: the guard switches it off. Return the guard's exit
+        status if it ended within timeout seconds, else None."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        status = self._exited(timeout)
+        if self._reports is not None and status is not None:
+            self._read_reports()
+            os.close(self._reports)
+            self._reports = None
+        return status
+
+    def _exited(self, timeout):
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _read_reports(self):
+        "Take in what the guard reported; False at the end of its reports."
+        if self._reports is None:
+            return False
+        try:
+            data = os.read(self._reports, 4096)
+        except BlockingIOError:
+            return True
+        lines = (self._unread + data).split(b"\n")
+        self._unread = lines.pop()[-4096:]
+        if lines:
+            self._said = lines[-1].decode(errors="replace")
+        return bool(data)
+
+
+def start_heater_guard(
+    spec, timeout=HARDWARE_TIMEOUT, grace=GUARD_GRACE, pwm_root=PWM_ROOT, env=None
+):
+    """Start and return the guard of the heater a --heater SPEC names (None
+    for the simulator); ValueError for a bad SPEC, RuntimeError if it does not start."""
+    action = guard_action(spec, pwm_root)
+    return None if action is None else HeaterGuard(action, timeout, grace, env=env).start()
+
+
+def stop_lingering_guard(consumer, timeout=2.0):
+    """A guard holds a GPIO line off after its driver died, until SIGTERM. A
+    new driver that finds the line busy, its consumer being such a guard
+    (GUARD_CONSUMER + pid), ends it here; True once it has gone, and the
+    line can be requested."""
+    match = re.fullmatch(re.escape(GUARD_CONSUMER) + r"(\d+)", consumer or "")
+    if match is None:
+        return False
+    pid = int(match[1])
+    try:
+        if GUARD_MARK.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False  # that pid is not (or no longer) a guard's
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                return True  # ended, not yet reaped by its new parent
+        except OSError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _line_consumer(gpiod, path, line):
+    "The consumer holding a GPIO line, or None if that cannot be told."
+    try:
+        with gpiod.Chip(path) as chip:
+            return chip.get_line_info(line).consumer
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def in_thread(function, *args):
@@ -1126,10 +1790,13 @@ class Hardware:
     one place that knows worker threads, timeouts, switching one at a time
     and switching off at stop. A slow sensor is read, and a slow heater
     switched, in a worker thread within timeout seconds; the outcome of
-    every switch is recorded in the model."""
+    every switch is recorded in the model. With a guard (HeaterGuard), the
+    heater is switched on only while the guard watches over it. clock is
+    the safety timers' (monotonic) clock."""
 
-    def __init__(self, sensor, heater, timeout=HARDWARE_TIMEOUT):
+    def __init__(self, sensor, heater, timeout=HARDWARE_TIMEOUT, guard=None, clock=time.monotonic):
         self.sensor, self.heater, self.timeout = sensor, heater, timeout
+        self.guard, self.clock = guard, clock
         self._sensor_read = self._heater_switch = None  # calls still running in a worker thread
         self._switching = threading.Lock()  # held by a heater switch in a worker thread
         self._interrupted = asyncio.Event()  # the driver stops: a wait for the sensor ends
@@ -1140,6 +1807,11 @@ class Hardware:
 
     def resume(self):
         self._interrupted.clear()
+
+    @property
+    def interrupted(self):
+        "True from a stop until resume()."
+        return self._interrupted.is_set()
 
     async def read(self):
         """A reading: degrees, or the exception saying why there is none. A
@@ -1183,8 +1855,15 @@ class Hardware:
                 return False
         return True
 
+    def guard_problem(self):
+        "None unless a guard was started and no longer watches over the heater: then why."
+        return None if self.guard is None else self.guard.problem()
+
     async def switch(self, model, on):
         "Switch the heater (a slow one in a worker thread) and record the outcome in the model."
+        if on and (problem := self.guard_problem()):
+            model.guarded(problem)  # never on without the guard: it is the one that would switch
+            return  # the heater off if this process died
         if _is_instant(self.heater):
             self.switch_now(model, on)
             return
@@ -1229,7 +1908,8 @@ class Hardware:
         return None
 
     def _record(self, model, on, error=None, now=None):
-        model.heater_switched(on, now or datetime.now(timezone.utc), error)
+        clock = self.clock() if now is None else None  # a time given is the timers' time too
+        model.heater_switched(on, now or datetime.now(timezone.utc), error, clock=clock)
         if error is None and isinstance(self.sensor, Simulator):
             self.sensor.heater_on = on  # a simulated sensor warms with a real heater too
 
@@ -1269,6 +1949,22 @@ REQUEST_TAGS = ("newTextVector", "newNumberVector", "newSwitchVector")
 def widened(limits, value):
     "A NumberMember's min and max: limits, widened to hold value."
     return dict(min=min(limits[0], value), max=max(limits[1], value))
+
+
+def check_ceiling(vector, values):
+    """ValueError if a request raises a limit above its declared maximum, the
+    operator's ceiling: a client may tighten the safety limits, never loosen them."""
+    for member in set(vector.data) & set(values):
+        ceiling = float(vector.data[member].max)
+        try:
+            wanted = parse_number(values[member], member, -math.inf, math.inf)
+        except ValueError:
+            continue  # not a number: the range check says so
+        if wanted > ceiling:
+            raise ValueError(
+                f"{member} must be at most the operator's limit {ceiling:g} (a client may "
+                f"tighten the safety limits, never loosen them); received {values[member]!r}"
+            )
 
 
 def control_properties(poll_interval):
@@ -1589,7 +2285,9 @@ class SavedSettings:
     may share. Every accepted change is saved at once by save_soon(), in a
     worker thread (the answer to a request does not wait for the disk); a
     burst of changes is written at most every SAVE_SPACING seconds, the
-    latest values last."""
+    latest values last. The file is read and written off the event loop,
+    and a disk that does not answer within DISK_TIMEOUT is said to hang:
+    the driver goes on (a hung write is waited for before the next)."""
 
     def __init__(self, path, device, setters, given=()):
         self.path = Path(path) if path is not None else None
@@ -1634,6 +2332,14 @@ class SavedSettings:
         if self.path is not None:
             write_config(self.path, self.device.devicename, self.current())
 
+    async def on_disk(self, function, *args):
+        """function(*args) in a worker thread; its result, or TimeoutError (an
+        OSError) if the disk has not answered within DISK_TIMEOUT."""
+        call = in_thread(function, *args)
+        if not (await asyncio.wait([call], timeout=DISK_TIMEOUT))[0]:
+            raise TimeoutError(errno.ETIMEDOUT, f"no answer from the disk in {DISK_TIMEOUT:g} s")
+        return call.result()
+
     def save_soon(self):
         self._save_wanted = self.path is not None
         if self._save_wanted and (self._saver is None or self._saver.done()):
@@ -1643,8 +2349,14 @@ class SavedSettings:
         while self._save_wanted:
             self._save_wanted = False
             requests = self.current()
+            saving = in_thread(write_config, self.path, self.device.devicename, requests)
+            if not (await asyncio.wait([saving], timeout=DISK_TIMEOUT))[0]:
+                logger.warning("%s: configuration file %s: no answer from the disk in %g s; "
+                               "the change is saved once it answers", self.device.devicename,
+                               self.path, DISK_TIMEOUT)  # fmt: skip
+                await asyncio.wait([saving])  # this task waits, not the driver
             try:
-                await asyncio.to_thread(write_config, self.path, self.device.devicename, requests)
+                saving.result()
             except OSError as exc:
                 problem = config_problem(self.path, exc)
                 logger.warning("%s: %s", self.device.devicename, problem)
@@ -1654,9 +2366,9 @@ class SavedSettings:
             await asyncio.sleep(SAVE_SPACING)
 
     async def finish(self):
-        "Wait for the last change to reach the file."
+        "Wait for the last change to reach the file, unless the disk hangs."
         if self._saver is not None:
-            await self._saver
+            await asyncio.wait([self._saver], timeout=DISK_TIMEOUT)
 
     async def load_at_start(self, log):
         """Apply the saved settings but those given explicitly; a file that
@@ -1664,7 +2376,7 @@ class SavedSettings:
         if self.path is None:
             return
         try:
-            requests = [r for r in self.read() if r.get("name") not in self.given]
+            requests = [r for r in await self.on_disk(self.read) if r.get("name") not in self.given]
             await self.apply(requests, publish=False)
         except FileNotFoundError:
             log.debug("no saved configuration in %s yet", self.path)  # a first start
@@ -1702,17 +2414,21 @@ class SavedSettings:
         try:
             match action:
                 case "CONFIG_LOAD":
-                    await self.apply(self.read())
+                    await self.apply(await self.on_disk(self.read))
                     return f"Device configuration applied from {self.path}."
                 case "CONFIG_SAVE":
-                    self.save()
+                    await self.on_disk(
+                        write_config, self.path, self.device.devicename, self.current()
+                    )
                     return f"Device configuration saved to {self.path}."
                 case "CONFIG_DEFAULT":
                     await self.apply(self.defaults)
-                    self.save()
+                    await self.on_disk(
+                        write_config, self.path, self.device.devicename, self.current()
+                    )
                     return "Default configuration loaded and saved."
                 case "CONFIG_PURGE":
-                    self.path.unlink()
+                    await self.on_disk(self.path.unlink)
                     return f"Configuration file {self.path} purged."
         except FileNotFoundError:
             if action == "CONFIG_LOAD":  # as libindi: Alert, and news rather than a warning
@@ -1724,6 +2440,80 @@ class SavedSettings:
             raise SettingsRefused(f"There is no configuration file {self.path}.") from None
         except (OSError, ValueError) as exc:
             raise SettingsRefused(config_problem(self.path, exc)) from None
+
+
+# ---------------------------------------------------------------------------
+# The service manager: what systemd hears from a driver it runs as a
+# Type=notify service (nothing when not run so).
+# ---------------------------------------------------------------------------
+
+
+def sd_notify(state, environ=None):
+    """Tell the service manager state ("READY=1", "WATCHDOG=1", "STOPPING=1",
+    "STATUS=...", lines joined by newlines) on $NOTIFY_SOCKET, as libsystemd's
+    sd_notify does: a datagram on an AF_UNIX socket, a name starting with @
+    being abstract. Return True once sent; False if there is no socket (not
+    run by systemd as Type=notify), or if sending failed (logged)."""
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return False  # unset, or a kind this does not speak (vsock:)
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.setblocking(False)  # never hold up the event loop
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        logger.warning(
+            "cannot notify systemd on %s: %s", address.replace("\0", "@"), exc.strerror or exc
+        )
+        return False
+    return True
+
+
+def watchdog_interval(environ=None):
+    """Seconds between WATCHDOG=1 notifications, half of WatchdogSec as
+    $WATCHDOG_USEC gives it; None if there is no watchdog for this process."""
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+        if environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+            return None  # it is meant for another process (one that started us)
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
+
+
+class ServiceNotifier:
+    """What systemd hears from the driver: READY=1 once it serves (and has
+    switched the heater off), WATCHDOG=1 from the control loop, STOPPING=1
+    at stop. All of it nothing when not run by systemd as Type=notify."""
+
+    def __init__(self, environ=None):
+        self.environ = os.environ if environ is None else environ
+        notifying = bool(self.environ.get("NOTIFY_SOCKET"))
+        self.watchdog_interval = watchdog_interval(self.environ) if notifying else None
+        self._next_ping = -math.inf
+
+    def ready(self, status=None):
+        return sd_notify("READY=1" + (f"\nSTATUS={status}" if status else ""), self.environ)
+
+    def stopping(self):
+        return sd_notify("STOPPING=1", self.environ)
+
+    def status(self, text):
+        return sd_notify(f"STATUS={text}", self.environ)
+
+    def watchdog(self, now):
+        """From the control loop, at each wake (now: loop.time()): WATCHDOG=1
+        if it is due. Return when the next one is due (math.inf: never), for
+        the loop's next wake: it must wake by then whatever the poll interval."""
+        if self.watchdog_interval is None:
+            return math.inf
+        if now >= self._next_ping:
+            sd_notify("WATCHDOG=1", self.environ)
+            self._next_ping = now + self.watchdog_interval
+        return self._next_ping
 
 
 # ---------------------------------------------------------------------------
@@ -1757,11 +2547,18 @@ class PollTimer:
         if self._sleep is not None and not self._sleep.done():
             self._sleep.set_result(True)
 
-    async def next_poll(self, stopped):
-        "Wait until the next poll is due; False if stopped() first."
+    async def next_poll(self, stopped, safety_delay=None, safety_check=None):
+        """Wait until the next poll is due; False if stopped() first. Meanwhile
+        safety_check() is awaited each time safety_delay() seconds have passed:
+        the safety rules keep their own schedule, whatever the interval."""
         loop = asyncio.get_running_loop()
         while not stopped():
             delay = 0 if self._poll_now else self._last + self.interval - loop.time()
+            check = math.inf if safety_delay is None else safety_delay()
+            if check < delay:
+                if check <= 0 or not await self._woken_within(check):
+                    await safety_check()
+                continue
             if delay > 0 and await self._woken_within(delay):
                 continue  # a stop, a new interval or a poll asked for: plan again
             if self._poll_now or delay <= -self.interval:
@@ -1780,6 +2577,34 @@ class PollTimer:
         finally:
             timer.cancel()
             self._sleep = None
+
+
+class SafetySchedule:
+    """When the control loop must wake between polls, whatever the poll
+    interval a client sets: when the heater-on limit runs out, every
+    safety_check seconds while heating (a sensor read, for the maximum
+    temperature), and for systemd's watchdog (notifier: pinged when due).
+    clock is the safety timers' monotonic clock; regulated() says whether
+    the thermostat is regulated (the driver connected)."""
+
+    def __init__(self, thermostat, clock, regulated, safety_check=SAFETY_CHECK):
+        self.thermostat, self.clock, self.regulated = thermostat, clock, regulated
+        self.safety_check = safety_check
+        self.notifier = ServiceNotifier({})  # systemd's, when run by it (main sets it)
+        self.last_read = -math.inf  # when the sensor was last read
+
+    def delay(self):
+        "Seconds until the next wake; the watchdog is pinged here when due."
+        now, thermostat = self.clock(), self.thermostat
+        due = min(self.notifier.watchdog(now), thermostat.heater_deadline())
+        if thermostat.heater_on and self.regulated():
+            due = min(due, self.last_read + self.safety_check)
+        return due - now
+
+    def read_due(self):
+        "True if the heater is on and the sensor was last read safety_check seconds ago."
+        return (self.thermostat.heater_on and self.regulated()
+                and self.clock() >= self.last_read + self.safety_check)  # fmt: skip
 
 
 class ThermoDriver(IPyDriver):
@@ -1819,6 +2644,8 @@ class ThermoDriver(IPyDriver):
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
         self.timer = PollTimer(poll_interval)
+        self.schedule = SafetySchedule(thermostat, hardware.clock, lambda: self.connected)
+        self.started = asyncio.Event()  # set once the heater is first known off
         self._sending_files = asyncio.Lock()
         self.answers = DeviceAnswers(device)
         self.reject, self.refuse = self.answers.reject, self.answers.refuse
@@ -1826,6 +2653,7 @@ class ThermoDriver(IPyDriver):
 
     def shutdown(self):
         super().shutdown()
+        self.schedule.notifier.stopping()
         self.equipment.interrupt()
         self.timer.wake_up()
 
@@ -1931,6 +2759,7 @@ class ThermoDriver(IPyDriver):
         return apply
 
     def set_limits(self, values):
+        check_ceiling(self.device[SAFETY_LIMITS], values)
         limits = {member: self.checked_number(values, SAFETY_LIMITS, member)
                   for member in ("maxtemperature", "maxheateron") if member in values}  # fmt: skip
 
@@ -1950,6 +2779,7 @@ class ThermoDriver(IPyDriver):
             self.templog.start(datetime.now(timezone.utc))
         else:
             self.templog.stop()
+            await in_thread(self.templog.flush)  # and on the disk, unless it hangs
             await self.send_log_files()  # the partial file goes out, it is not discarded
         status = "On" if self.templog.logging else "Off"
         event.vector["switchmember"] = status
@@ -1986,6 +2816,8 @@ class ThermoDriver(IPyDriver):
     async def asyncrun(self):
         self.equipment.resume()
         await self.settings.load_at_start(self.log)  # before any request or definition
+        if self.equipment.interrupted:
+            return  # stopped while the file was read: the foundation's asyncrun would undo that
         try:
             await super().asyncrun()
         finally:
@@ -1995,6 +2827,7 @@ class ThermoDriver(IPyDriver):
         await self.equipment.switch(
             self.thermostat, False
         )  # a known state: a kill -9 may have left it on
+        self.started.set()
         updates = asyncio.create_task(self.update_loop())
         try:
             await self.control_loop()
@@ -2006,39 +2839,56 @@ class ThermoDriver(IPyDriver):
             updates.cancel()
             self.templog.stop()
             await asyncio.wait([updates])
+            await in_thread(self.templog.flush)  # the last rows, unless the disk hangs
 
     async def control_loop(self):
         self.timer.start()
-        while await self.timer.next_poll(lambda: self.stop):
+        while await self.timer.next_poll(lambda: self.stop, self.schedule.delay, self.safety_wake):
             if self.connected:
                 await self.poll()
             elif not self.thermostat.known_off:
                 await self.switch_off_while_disconnected()  # a Disconnect's off failed: try again
 
+    async def safety_wake(self):
+        "Between polls: the heater off when its on-time runs out, the sensor read while heating."
+        thermostat = self.thermostat
+        if thermostat.expire(self.equipment.clock()):
+            if await self.equipment.follow(thermostat, self.in_control):
+                self.offer(thermostat.reading(datetime.now(timezone.utc)))
+        elif self.schedule.read_due():
+            await self.poll()
+
     async def poll(self):
         thermostat = self.thermostat
         try:
+            self.schedule.last_read = self.equipment.clock()
             measured = await self.equipment.read()
             if not self.in_control():
                 return  # it went while the sensor was read
             now = datetime.now(timezone.utc)
             if self.weather:
                 self.weather.update(now, measured)  # first: this poll's dew point for the step
-            self.templog.record(thermostat.step(now, measured))
+            thermostat.guarded(self.equipment.guard_problem())
+            self.templog.record(thermostat.step(now, measured, self.equipment.clock()))
             if not await self.equipment.follow(thermostat, self.in_control):
                 return  # it went while the heater switched (and switched it off)
             reading = thermostat.reading(now)
         except Exception:
             logger.exception("%s: thermostat poll failed", self.device.devicename)
             return
+        if self.offer(reading):
+            self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
+                       "on" if reading.heater_on else "off", thermostat.target)  # fmt: skip
+
+    def offer(self, reading):
+        "Hand a reading to the update loop; False if it is behind (the reading is dropped)."
         try:
             self.readings.put_nowait(reading)
         except asyncio.QueueFull:
             self.dropped_readings += 1
             self.log.debug("updates are behind, live reading dropped")
-            return
-        self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
-                       "on" if reading.heater_on else "off", thermostat.target)  # fmt: skip
+            return False
+        return True
 
     def switch_off_at_stop(self):
         """Switch the heater off now (see Hardware.switch_off_at_stop); if that
@@ -2209,11 +3059,13 @@ def thermostat_properties(thermostat, log_period):
         BLOBVector("logsvector", "Logs", "Control", "ro", "Ok", [
             BLOBMember("templogs", "Temperature logs", blobformat=".csv")]),
         # safety: limits that hold whatever the target, and alarms a client can wait on
+        # the limits the thermostat starts with are a ceiling: clients may tighten them only
         NumberVector(SAFETY_LIMITS, "Limits", "Safety", "rw", "Ok", [
-            NumberMember("maxtemperature", "Maximum temperature", **limits, step=0.1,
+            NumberMember("maxtemperature", "Maximum temperature", format="%3.1f",
+                         min=TEMPERATURE_MIN, max=thermostat.max_temperature, step=0.1,
                          membervalue=f"{thermostat.max_temperature:.2f}"),
             NumberMember("maxheateron", "Maximum heater-on (s)", format="%.0f",
-                         **widened(MAX_HEATER_ON_S, max_heater_on), step=60,
+                         min=min(MAX_HEATER_ON_S[0], max_heater_on), max=max_heater_on, step=60,
                          membervalue=f"{max_heater_on:g}")]),
         LightVector("SAFETY_STATUS", "Safety", "Safety", "Idle", [
             LightMember("SAFETY", "Safety", membervalue="Idle"),  # libindi's: the overall state
@@ -2226,7 +3078,8 @@ def thermostat_properties(thermostat, log_period):
 def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log_period=None,
                 debug=None, max_temperature=None, max_heater_on=None, log_dir=None, config=True,
                 sensor=None, heater=None, stuck_after=STUCK_AFTER,
-                hardware_timeout=HARDWARE_TIMEOUT):  # fmt: skip
+                hardware_timeout=HARDWARE_TIMEOUT, guard=None,
+                safety_check=SAFETY_CHECK):  # fmt: skip
     """Return a ThermoDriver for a new thermostat, ready to serve with
     make_server(driver), beside other drivers in any IPyServer, or on
     stdin/stdout with serve_stdio(driver). It reads sensor and switches
@@ -2235,7 +3088,13 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
     Its settings are kept in the configuration file `config`: True for
     libindi's place (config_path), a path, or None to keep none. Settings
     given here win over saved ones; those left out (None) come from the
-    file, else from DEFAULTS."""
+    file, else from DEFAULTS.
+
+    max_temperature and max_heater_on (or, left out, their DEFAULTS) are a
+    ceiling: a client or a saved file may tighten the limits, never loosen
+    them. guard: the heater's HeaterGuard (start_heater_guard), if any; the
+    heater is then switched on only while it runs. safety_check: seconds
+    between sensor reads while heating, at most, whatever the poll interval."""
     check_foundation()
     settings = dict(target=target, poll_interval=poll_interval, log_period=log_period, debug=debug,
                     max_temperature=max_temperature, max_heater_on=max_heater_on)  # fmt: skip
@@ -2269,9 +3128,11 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
                   *thermostat_properties(thermostat, log_period),
                   *weather_properties(weather),
                   *option_properties(debug)]  # fmt: skip
-    return ThermoDriver(Device(devicename, properties), thermostat, templog,
-                        Hardware(sensor, heater, hardware_timeout), poll_interval, config=config,
-                        given=given, debug=debug, weather=weather)  # fmt: skip
+    driver = ThermoDriver(Device(devicename, properties), thermostat, templog,
+                          Hardware(sensor, heater, hardware_timeout, guard), poll_interval,
+                          config=config, given=given, debug=debug, weather=weather)  # fmt: skip
+    driver.schedule.safety_check = safety_check
+    return driver
 
 
 def make_server(*drivers, host="localhost", port=7624, max_connections=None, max_unread=None):
@@ -3063,6 +3924,7 @@ class IndiServer(IPyServer):
         )
         self.max_unread = max_unread or DEFAULT_MAX_UNREAD_MIB << 20
         self.failure = None
+        self.listening = asyncio.Event()  # set once clients can connect
         self.clients = {}  # oldest first; the values are unused
         self._client_list = ()  # a snapshot of clients to route through
         self._everyone = _Route(())  # and the route to all of them
@@ -3431,6 +4293,7 @@ class IndiServer(IPyServer):
             return
         devices = ", ".join(self.devices) or "no devices"
         logger.info("serving %s on %s:%s (Ctrl-C stops)", devices, self.host, self.port)
+        self.listening.set()
         self._accepting = [
             self._tasks.create_task(self._accept(listener)) for listener in listeners
         ]
@@ -3846,8 +4709,9 @@ def parse_args(argv=None, prog="thermostat.py"):
         metavar="SPEC",
         default="simulator",
         help="what switches the heater: simulator (the default); command:CMD, run as "
-        "'CMD on' and 'CMD off'; or gpio:CHIP:LINE[:active-low], a GPIO line driving "
-        "a relay (needs pip install 'thermostat[gpio]')",
+        "'CMD on' and 'CMD off'; gpio:CHIP:LINE[:active-low], a GPIO line driving "
+        "a relay (needs pip install 'thermostat[gpio]'); or pwm:CHIP:CHANNEL, an exported "
+        "/sys/class/pwm/pwmchipCHIP/pwmCHANNEL (on: full duty cycle, off: 0)",
     )
     parser.add_argument(
         "--max-temperature",
@@ -3905,6 +4769,18 @@ def parse_args(argv=None, prog="thermostat.py"):
         "--driver-xml",
         action="store_true",
         help=f"print the driver description KStars reads ({DRIVER_EXEC}.xml) and exit",
+    )
+    parser.add_argument(
+        "--systemd-unit",
+        action="store_true",
+        help="print a systemd service unit that runs this command line (these options, "
+        "without --systemd-unit), and exit",
+    )
+    parser.add_argument(
+        "--heater-off",
+        action="store_true",
+        help="switch the heater (--heater SPEC) off and exit: 0 once it is off, 1 if that "
+        "failed (the systemd unit's ExecStopPost)",
     )
     keeping = parser.add_mutually_exclusive_group()
     keeping.add_argument(
@@ -3973,8 +4849,14 @@ def make_heater(spec, timeout=HARDWARE_TIMEOUT):
             return GpioHeater(parts[0], parts[1], active_low=len(parts) == 3)
         except RuntimeError as exc:
             raise ValueError(f"argument --heater: {exc}") from None
+    if kind == "pwm" and len(parts := rest.split(":")) == 2:
+        try:
+            return PwmHeater(*parts)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"argument --heater: {exc}") from None
     raise ValueError(
-        f"argument --heater: {spec!r} is not simulator, command:CMD or gpio:CHIP:LINE[:active-low]"
+        f"argument --heater: {spec!r} is not simulator, command:CMD, "
+        f"gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"
     )
 
 
@@ -3986,6 +4868,26 @@ def _check_command(option, kind, command):
             raise ValueError(
                 f"argument {option}: cannot split {command!r} into words: {exc}"
             ) from None
+
+
+def switch_heater_off(heater, tries=2, prog="thermostat.py"):
+    """The --heater-off action (ExecStopPost in the systemd unit): switch
+    heater off, trying twice; return the exit status, 0 once it is off, 1 if
+    it could not be switched off (said on stderr)."""
+    if heater is None:
+        return 0  # the simulator: nothing to switch
+    for _ in range(tries):
+        try:
+            heater.switch(False)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - a heater's switch may raise anything
+            error = exc
+    print(
+        f"{prog}: error: the heater may be on: switching it off failed: "
+        f"{str(error) or type(error).__name__}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def configure_logging(verbose):
@@ -4087,13 +4989,34 @@ def main(argv=None, prog="thermostat.py"):
     if args.driver_xml:
         print(driver_xml(), end="")
         return 0
+    if args.systemd_unit:
+        options = unit_options(sys.argv[1:] if argv is None else argv)
+        print(systemd_unit([*program_argv(), *options]), end="")
+        return 0
     try:  # the hardware is opened once the options are known to be good
         sensor = make_sensor(args.sensor, args.hardware_timeout)
         heater = make_heater(args.heater, args.hardware_timeout)
     except ValueError as exc:
         print(f"{prog}: error: {exc} (see --help)", file=sys.stderr)
         return 2
+    if args.heater_off:
+        return switch_heater_off(heater, prog=prog)
     configure_logging(args.verbose)
+    try:  # before the heater is first switched: no guard, no heating
+        guard = start_heater_guard(args.heater, args.hardware_timeout)
+    except (ValueError, RuntimeError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    heater_known_off = [True]  # until the driver runs, nothing has switched the heater on
+    try:
+        return serve_guarded(args, prog, sensor, heater, guard, heater_known_off)
+    finally:
+        if guard is not None:  # the word "stop" only once the heater is known off
+            guard.stand_down() if heater_known_off[0] else guard.close()
+
+
+def serve_guarded(args, prog, sensor, heater, guard, heater_known_off):
+    "Make the driver and serve it until stopped; the exit status."
     config = None if args.no_config else (args.config or True)
     try:
         driver = make_driver(
@@ -4110,14 +5033,17 @@ def main(argv=None, prog="thermostat.py"):
             max_heater_on=args.max_heater_on,
             stuck_after=args.stuck_after,
             hardware_timeout=args.hardware_timeout,
+            guard=guard,
         )
     except ValueError as exc:  # a --log-dir that cannot be written: said before serving
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if _signals_before_serving:
         return 0  # stopped during start-up: nothing served, nothing logged
+    driver.schedule.notifier = notifier = ServiceNotifier()
+    heater_known_off[0] = False
     if args.stdio:
-        status = run_event_loop(serve_stdio(driver))
+        status = run_event_loop(announcing(serve_stdio(driver), notifier, driver.started))
     else:
         server = make_server(
             driver,
@@ -4126,8 +5052,121 @@ def main(argv=None, prog="thermostat.py"):
             max_connections=args.max_connections,
             max_unread=int(args.max_unread * (1 << 20)),
         )
-        status = run_event_loop(serve_until_stopped(server))
+        serving = serve_until_stopped(server)
+        status = run_event_loop(announcing(serving, notifier, driver.started, server.listening))
+    heater_known_off[0] = not driver.off_failed_at_stop and driver.thermostat.known_off
+    driver.templog.flush()  # the last log rows, written in a thread of their own
     return 1 if driver.off_failed_at_stop else status
+
+
+async def announcing(serving, notifier, *ready):
+    "Await serving, telling systemd READY=1 once every event in ready is set."
+
+    async def announce():
+        for event in ready:
+            await event.wait()
+        notifier.ready()
+
+    announcer = asyncio.create_task(announce())
+    try:
+        return await serving
+    finally:
+        announcer.cancel()
+
+
+def unit_options(argv):
+    "The options of a command line as its systemd unit runs them: without --systemd-unit."
+    return [word for word in argv if word != "--systemd-unit"]
+
+
+def systemd_quote(word):
+    "word as one word of a systemd Exec line: % and $ escaped, quoted if need be."
+    word = word.replace("%", "%%").replace("$", "$$")
+    if word and not re.search(r"[\s\"'\\;]", word):
+        return word
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(f"\\x{ord(c):02x}" if ord(c) < 32 else c for c in escaped) + '"'
+
+
+def exec_line(words):
+    "words as the command of an Exec line of a systemd unit."
+    return " ".join(map(systemd_quote, words))
+
+
+def heater_off_argv(argv):
+    """The --heater-off command for a program's argv ([python, thermostat.py,
+    options...]): the words before its first --option, the --heater SPEC it
+    was given, --heater-off; None if it has no heater but the simulator."""
+    options = next((i for i, word in enumerate(argv) if word.startswith("--")), len(argv))
+    spec = None
+    for i, word in enumerate(argv[options:], options):
+        if word == "--heater" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif word.startswith("--heater="):
+            spec = word.partition("=")[2]
+    if spec is None or spec == "simulator":
+        return None
+    return [*argv[:options], "--heater", spec, "--heater-off"]
+
+
+def program_argv():
+    """How to run this program under systemd: this Python and this file, by
+    absolute paths (as TCP server: indi_thermostat is for indiserver)."""
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def systemd_unit(argv, heater_off_command=None, description="INDI thermostat", user=None):
+    """The text of a systemd service unit running argv (an absolute program
+    path first): Type=notify with a watchdog, restarted on failure, started
+    after the clock is synchronized, and ExecStopPost running
+    heater_off_command (a list of words; None: heater_off_argv(argv); []:
+    none), which switches the heater off however the driver ended."""
+    if not argv or not os.path.isabs(argv[0]):
+        raise ValueError(f"a unit's program must be an absolute path, not {argv[:1]}")
+    if heater_off_command is None:
+        heater_off_command = heater_off_argv(argv) or []
+    if heater_off_command and not os.path.isabs(heater_off_command[0]):
+        raise ValueError(
+            f"a unit's program must be an absolute path, not {heater_off_command[0]!r}"
+        )
+    stop_post = [
+        "# Once the driver has ended, however it ended (killed, crashed, stopped),",
+        "# and the rest of its cgroup with it: the heater off. A failure marks the unit failed.",
+        f"ExecStopPost={exec_line(heater_off_command)}",
+    ]
+    return "\n".join([
+        "[Unit]",
+        f"Description={description.replace('%', '%%')}",
+        "# Its limits and logs go by the clock: start once it is set. time-sync.target waits",
+        "# for the synchronization only with systemd-time-wait-sync.service (or chrony-wait).",
+        "Wants=time-sync.target",
+        "After=time-sync.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={exec_line(argv)}",
+        *(stop_post if heater_off_command else []),
+        "# WATCHDOG=1 comes from the control loop: a loop stuck for 30 s is killed, restarted.",
+        "WatchdogSec=30",
+        "Restart=on-failure",
+        "RestartSec=5",
+        "# SIGTERM to the driver and its heater guard at once (the guard then waits for the",
+        "# driver's word that the heater is off); SIGKILL to what is left after TimeoutStopSec.",
+        "KillMode=control-group",
+        "TimeoutStopSec=30",
+        *([f"User={user}"] if user else []),
+        "# Hardening that leaves /dev/gpiochip*, /sys/class/pwm and /sys/bus/w1 usable: not",
+        "# PrivateDevices=, DevicePolicy= or ProtectKernelTunables= (they hide /dev or make",
+        "# /sys read-only). ~/.indi, where settings are saved, stays writable.",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectSystem=full",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])  # fmt: skip
 
 
 def run_command(argv=None, prog="thermostat.py"):

@@ -28,8 +28,8 @@ def test_a_slow_link_drops_live_readings_but_no_log_rows():
     logged = []
     step = driver.thermostat.step
 
-    def recording_step(now, measured):
-        reading = step(now, measured)
+    def recording_step(now, measured, *clock):
+        reading = step(now, measured, *clock)
         if driver.templog.logging:
             logged.append(f"{thermostat.indi_timestamp(reading.timestamp)},{reading.temperature:.2f}")
         return reading

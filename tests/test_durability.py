@@ -68,7 +68,7 @@ def test_each_reading_is_on_disk_as_it_is_logged(tmp_path):
         lines = partial.read_text().splitlines()
         assert len(lines) == count + 1 and lines[-1] == row_of(reading)
     assert not list(tmp_path.glob("*.csv"))
-    simulated.log.stop()
+    simulated.stop_logging()
     assert not list(tmp_path.glob("*.part")) and len(rows_on_disk(tmp_path)) == 5
 
 
@@ -149,7 +149,7 @@ def test_a_full_disk_keeps_rows_in_memory_and_writes_them_when_space_is_back(sma
             assert path.read_bytes().endswith(b"\n")
         filler.unlink()
         after = polls(simulated, 5, start=START + timedelta(seconds=210))
-        log.stop()
+        simulated.stop_logging()
     assert len(errors(caplog)) == 1
     assert [m for m in errors(caplog, logging.WARNING) if "again" in m] == \
         [f"log files are written to {logs} again"]
@@ -186,7 +186,7 @@ def test_a_folder_removed_or_replaced_loses_nothing(small_disk, caplog, fault):
         if fault == "replaced by a file":
             logs.unlink()
         readings += polls(simulated, 5, start=START + timedelta(seconds=35))
-        simulated.log.stop()
+        simulated.stop_logging()
     assert len(errors(caplog)) == 1 and "written to" in caplog.text
     assert not list(logs.glob("*.part"))
     # all but the file finished before, removed with the folder
@@ -238,7 +238,7 @@ def test_file_names_stay_inside_the_folder_and_are_valid_everywhere(tmp_path, de
     simulated = Simulated(device, log_period=10, log_dir=logs)
     simulated.log.start(START)
     readings = polls(simulated, 15)
-    simulated.log.stop()
+    simulated.stop_logging()
     assert [p.parent for p in tmp_path.rglob("*") if p.is_file()] == [logs, logs]
     for path in logs.iterdir():
         assert not set(path.name) & set('<>:"/\\|?*') and len(path.name.encode()) < 255

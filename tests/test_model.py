@@ -39,8 +39,16 @@ class Simulated:
         self.hardware = thermostat.Hardware(sim, sim)
         self.log = TemperatureLog(name, **log_options)
 
+    def stop_logging(self):
+        "Logging Off, the partial file on the disk before it returns."
+        self.log.stop()
+        self.log.flush()
+
     def poll(self, now):
-        return instant_poll(self.control, self.hardware, now, self.log)
+        "One poll, its log rows on the disk before it returns (the writer has a thread of its own)."
+        reading = instant_poll(self.control, self.hardware, now, self.log)
+        self.log.flush()
+        return reading
 
 
 def polls(simulated, count, every=10.0, start=START):
@@ -104,7 +112,7 @@ def test_parse_number_rejects_with_range_and_value(text):
 def test_no_log_rows_while_logging_is_off():
     simulated = Simulated(log_period=30)
     polls(simulated, 10)
-    simulated.log.stop()
+    simulated.stop_logging()
     assert take_finished(simulated.log) == []
 
 
