@@ -1578,7 +1578,7 @@ class ThermoDriver(IPyDriver):
             return  # as indipydriver: a stopping or disabled device takes nothing
         if (event := await self.answers.accept(root)) is not None:
             if self.debug_enable and self.log.isEnabledFor(logging.DEBUG):
-                self.log.debug("RX:: %s", clipped(serialize(root).decode(), MAX_LOG_LINE))
+                log_request(self.log, root)
             await self.dispatch(event)
 
     async def dispatch(self, event):
@@ -2103,6 +2103,19 @@ class BoundedLogs:
             log.removeFilter(clip_log_line)
 
 
+_requests_logged = Throttle(limit=100)
+
+
+def log_request(log, element):
+    """With DEBUG on, a request is logged clipped, and at most 100 a minute
+    for each logger: a client may send thousands a second."""
+    passes, held_back = _requests_logged.passes(log.name, datetime.now().timestamp())
+    if held_back:
+        log.debug("%d more requests were not logged", held_back)
+    if passes:
+        log.debug("RX:: %s", clipped(serialize(element).decode(), MAX_LOG_LINE))
+
+
 logger.addFilter(WarningThrottle())  # this module's own
 logger.addFilter(clip_log_line)
 
@@ -2409,6 +2422,7 @@ MAX_CONNECTIONS = 1000  # below the usual limit of 1024 open files
 DEFAULT_MAX_UNREAD_MIB = 32  # libindi's indiserver -m: 128 MB
 DEFAULT_MAX_MEMORY_MIB = 64  # for every client together: a Pi has 1 GiB or less
 MAX_ELEMENT_BYTES = 16 << 20  # the largest element a client may send
+MAX_RESTARTS = 10  # of an executable driver that ends: indiserver's (-r, DEFMAXRESTART in 1.9.9)
 
 
 def parse_networks(text):
@@ -2475,6 +2489,7 @@ class _DeviceLink:
 
     def __init__(self, server, source):
         self.server, self.source = server, source
+        self.blobs = {}  # its enableBLOB settings, per device and per (device, vector)
 
     async def run_tx(self, xmldata):
         await self.server._from_device(self, xmldata)
@@ -2500,6 +2515,29 @@ class _DeviceLink:
             device in getattr(source, "snoopdevices", ())
             or (device, name) in getattr(source, "snoopvectors", ())
         )
+
+    def snooping(self, device, name):
+        """It asked for another device's traffic: noted on the driver before
+        the answer comes, as indiserver notes it. indipydriver notes it only
+        once its send has returned, so the definitions answering at once
+        were dropped as not snooped: a driver snooping a whole device got
+        only later changes, never the definitions."""
+        source = self.source
+        if not hasattr(source, "snoopdevices"):
+            return  # a remote server: its own server keeps track
+        if device is None:
+            source.snoopall = True
+        elif name is None:
+            source.snoopdevices.add(device)
+        elif isinstance(source.snoopvectors, dict):  # indipydriver's: key -> its snoop timer
+            source.snoopvectors.setdefault((device, name), None)
+        else:
+            source.snoopvectors.add((device, name))
+
+    def takes_blobs(self, device, name):
+        "True if it asked for another device's BLOBs: as indiserver, none before an enableBLOB."
+        mode = self.blobs.get((device, name)) or self.blobs.get(device, "Never")
+        return mode != "Never"
 
     def answer(self, element, data):
         self.server._hand_over(self, element)
@@ -2873,8 +2911,11 @@ class IndiServer(IPyServer):
         self._links.append(attach_link(relay, _DeviceLink(self, relay)))
 
     def add_exdriver(self, program, *args, debug_enable=False):
-        super().add_exdriver(program, *args, debug_enable=debug_enable)
-        executable = self.exdrivers[-1]
+        """As IPyServer.add_exdriver, and as indiserver runs one: if it ends,
+        its devices are deleted at clients and it is started again, up to
+        MAX_RESTARTS times."""
+        executable = _RestartingExDriver(program, *args, debug_enable=debug_enable)
+        self.exdrivers.append(executable)
         answer_pings(executable)
         self._links.append(attach_link(executable, _DeviceLink(self, executable)))
 
@@ -2988,6 +3029,7 @@ class IndiServer(IPyServer):
             self._publish(link, element)
         elif tag == "getProperties":  # a driver snooping on another device
             device = element.get("device")
+            link.snooping(device, element.get("name"))
             owner = self._owner(device)
             if device is None or owner is None:
                 targets = [other for other in self._links if other is not link]
@@ -2998,6 +3040,11 @@ class IndiServer(IPyServer):
             owner = self._owner(element.get("device"))
             if owner is not None and owner is not link:
                 await self._pass(owner, element)
+        elif tag == "enableBLOB":  # a driver snooping on another device's BLOBs
+            device, name, setting = element.get("device"), element.get("name"), element.text
+            setting = (setting or "").strip()
+            if device is not None and setting in BLOB_MODES and len(link.blobs) < 1024:
+                link.blobs[device if name is None else (device, name)] = setting
 
     def _publish(self, link, element):
         "Serialize an element from a device once, and hand it to whoever asked for it."
@@ -3027,7 +3074,11 @@ class IndiServer(IPyServer):
             self._deliver(route, serialize(element))
         if device is not None:
             for other in self._links:
-                if other is not link and other.snoops(device, name):
+                if (
+                    other is not link
+                    and other.snoops(device, name)
+                    and (tag != "setBLOBVector" or other.takes_blobs(device, name))
+                ):
                     self._hand_over(other, element)
 
     def _route(self, tag, device, name):
@@ -3516,6 +3567,71 @@ async def reap_executable(exdriver):
             exdriver.proc.kill()
 
 
+class _RestartingExDriver(ExDriver):
+    """indipyserver 0.0.6's ExDriver reads a driver that has ended forever
+    (an empty read is not taken as end of stream), and never starts it
+    again. Here its end is noticed: its devices are deleted at clients, and
+    it is started again, as indiserver 1.9.9 does, up to MAX_RESTARTS times
+    (a driver that keeps ending is not started forever)."""
+
+    async def asyncrun(self):
+        self._stop = False
+        restarts = 0
+        try:
+            while not self._stop:
+                await self._run_once()
+                if self._stop:
+                    break
+                for device in list(self.devicenames):
+                    await self._commsobj.run_tx(ET.Element("delProperty", device=device))
+                self.devicenames.clear()
+                if restarts >= MAX_RESTARTS:
+                    logger.error("driver %s ended; not started again after %d restarts",
+                                 self.program, restarts)  # fmt: skip
+                    break
+                restarts += 1
+                logger.warning("driver %s ended; restart #%d", self.program, restarts)
+        finally:
+            self._stop = True
+
+    async def _run_once(self):
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                self.program, *self.args, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+        except OSError as exc:
+            logger.error("cannot start driver %s: %s", self.program, exc.strerror or exc)
+            return
+        try:
+            await self._readdata(ET.Element("getProperties", version="1.7"))
+        except (ConnectionError, OSError):
+            pass  # it has ended already
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._pump_output())
+            tasks.create_task(self._pump_errors())
+        await self.proc.wait()
+
+    async def _pump_output(self):
+        stream = _IndiStream(source=f"driver {self.program}")
+        remainder = b""
+        while data := await self.proc.stdout.read(READ_SIZE):
+            data, remainder = self._removexmldec(data, remainder)
+            for element in stream.feed(data):
+                await self._dispatch_xml(element)
+
+    async def _pump_errors(self):
+        while line := await self.proc.stderr.readline():
+            logging.getLogger("indipyserver.exdriver").error(line.decode(errors="replace"))
+
+    async def xml_to_ext(self, root):
+        if self.proc is None or self.proc.returncode is not None or self.proc.stdin.is_closing():
+            return  # it has ended: what was for it is dropped, as indiserver drops it
+        try:
+            await super().xml_to_ext(root)
+        except (ConnectionError, OSError):
+            pass  # it ended while it was written to
+
+
 class _EndOfStreamReader:
     """indipyserver 0.0.6 reads a closed connection forever (an empty read
     is not taken as end of stream), spinning at 100% CPU. This reader turns
@@ -3537,11 +3653,32 @@ class _RelayingRemoteConnection(RemoteConnection):
     End of stream here is a lost connection, which it already retries every
     5 s. Each try also sent every client four messages ("Attempting to
     connect", "Connection refused", ...): they are logged only, and clients
-    are told once when the link is lost and once when it is made again."""
+    are told once when the link is lost and once when it is made again.
+    Its monitor woke every 0.1 s to see whether the link was made or lost:
+    here the link says so itself, and when it is lost its devices are
+    deleted at clients, as indiserver deletes a chained server's."""
 
     async def _run_rx(self):
         self._reader = _EndOfStreamReader(self._reader)
-        await super()._run_rx()
+        await self.send_getProperties()
+        await self._tell(f"Remote connection made to {self.indihost}:{self.indiport}")
+        try:
+            await super()._run_rx()
+        finally:
+            if not self._stop:
+                for device in sorted(self.devicenames):
+                    await self._commsobj.run_tx(ET.Element("delProperty", device=device))
+                self.devicenames.clear()
+                await self._tell(f"Remote connection to {self.indihost}:{self.indiport} lost")
+
+    async def _tell(self, text):
+        if self._commsobj is not None:
+            message = ET.Element("message", message=text)
+            message.set("timestamp", indi_timestamp(datetime.now(timezone.utc)))
+            await self._commsobj.run_tx(message)
+
+    async def _monitor_connection(self):
+        "Nothing to watch: _run_rx says when the link is made and lost."
 
     async def warning(self, message):
         logging.getLogger("indipyserver.remote").warning(message)  # as indipyserver logs it
