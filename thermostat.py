@@ -3591,6 +3591,8 @@ class _RestartingExDriver(ExDriver):
                     break
                 restarts += 1
                 logger.warning("driver %s ended; restart #%d", self.program, restarts)
+        except Exception as exc:  # as ExDriver.asyncrun: the server goes on without it
+            logger.error("driver %s stopped on an error: %r", self.program, exc)
         finally:
             self._stop = True
 
@@ -3889,7 +3891,7 @@ def parse_args(argv=None, prog="thermostat.py"):
         "--stdio",
         action="store_true",
         help="speak INDI on stdin/stdout, as an executable driver under indiserver "
-        "(host, port, max-connections and max-unread do not apply); logs go to stderr",
+        "(--host, --port and the options on clients do not apply); logs go to stderr",
     )
     parser.add_argument(
         "--driver-xml",
