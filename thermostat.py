@@ -28,6 +28,7 @@ import contextvars
 import errno
 import hashlib
 import importlib.util
+import ipaddress
 import itertools
 import locale
 import logging
@@ -2678,7 +2679,7 @@ class ThermoDriver(IPyDriver):
             return  # as indipydriver: a stopping or disabled device takes nothing
         if (event := await self.answers.accept(root)) is not None:
             if self.debug_enable and self.log.isEnabledFor(logging.DEBUG):
-                self.log.debug("RX:: %s", clipped(serialize(root).decode(), MAX_LOG_LINE))
+                log_request(self.log, root)
             await self.dispatch(event)
 
     async def dispatch(self, event):
@@ -3135,14 +3136,16 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
     return driver
 
 
-def make_server(*drivers, host="localhost", port=7624, max_connections=None, max_unread=None):
+def make_server(*drivers, host="localhost", port=7624, max_connections=None, max_unread=None,
+                max_memory=None, allow=None, read_only=None):  # fmt: skip
     """Return an IndiServer (an IPyServer) for drivers (thermostats and any
-    others); await its asyncrun(), then read its failure. max_connections
-    counts live client connections (default 50); a client with more than
-    max_unread bytes unread is disconnected (default 32 MiB)."""
+    others); await its asyncrun(), then read its failure. See IndiServer for
+    max_connections, max_unread, max_memory (bytes), allow and read_only
+    (networks, or text as --allow takes)."""
     check_foundation()
     return IndiServer(*drivers, host=host, port=port, max_connections=max_connections,
-                      max_unread=max_unread)  # fmt: skip
+                      max_unread=max_unread, max_memory=max_memory, allow=allow,
+                      read_only=read_only)  # fmt: skip
 
 
 # ===========================================================================
@@ -3260,6 +3263,19 @@ class BoundedLogs:
         for log, throttle in self._added:
             log.removeFilter(throttle)
             log.removeFilter(clip_log_line)
+
+
+_requests_logged = Throttle(limit=100)
+
+
+def log_request(log, element):
+    """With DEBUG on, a request is logged clipped, and at most 100 a minute
+    for each logger: a client may send thousands a second."""
+    passes, held_back = _requests_logged.passes(log.name, datetime.now().timestamp())
+    if held_back:
+        log.debug("%d more requests were not logged", held_back)
+    if passes:
+        log.debug("RX:: %s", clipped(serialize(element).decode(), MAX_LOG_LINE))
 
 
 logger.addFilter(WarningThrottle())  # this module's own
@@ -3415,6 +3431,11 @@ class _IndiStream:
         self._open_tag = None  # the start of a tag not yet ended, from its "<"
         self._line, self._column = 1, len(b"<indi>")  # where the next byte fed will be
 
+    @property
+    def held(self):
+        "Bytes of the element being parsed, not yet complete."
+        return self._held
+
     def feed(self, data):
         elements = []
         self._discarded = 0
@@ -3558,9 +3579,37 @@ class _IndiStream:
 # task between a request and its answer.
 # ---------------------------------------------------------------------------
 
-DEFAULT_MAX_CONNECTIONS = 50  # a few desktops, dashboards and scripts, with room to spare
+DEFAULT_MAX_CONNECTIONS = 500  # far more than clients need: dead connections must not fill it
 MAX_CONNECTIONS = 1000  # below the usual limit of 1024 open files
 DEFAULT_MAX_UNREAD_MIB = 32  # libindi's indiserver -m: 128 MB
+DEFAULT_MAX_MEMORY_MIB = 64  # for every client together: a Pi has 1 GiB or less
+MAX_ELEMENT_BYTES = 16 << 20  # the largest element a client may send
+MAX_RESTARTS = 10  # of an executable driver that ends: indiserver's (-r, DEFMAXRESTART in 1.9.9)
+
+
+def parse_networks(text):
+    """The networks in text, addresses or networks separated by commas
+    (192.168.1.0/24,::1), or ValueError saying which one is wrong."""
+    networks = []
+    for part in text.split(","):
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def in_networks(host, networks):
+    "True if the address host (a string, as accept() gives it) is in one of networks."
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 READ_SIZE = 65536  # from indiserver, on a driver's stdin
 CLIENT_READ_SIZE = 4096  # from a client: its input between two turns of everyone else's
 
@@ -3602,6 +3651,7 @@ class _DeviceLink:
 
     def __init__(self, server, source):
         self.server, self.source = server, source
+        self.blobs = {}  # its enableBLOB settings, per device and per (device, vector)
 
     async def run_tx(self, xmldata):
         await self.server._from_device(self, xmldata)
@@ -3627,6 +3677,29 @@ class _DeviceLink:
             device in getattr(source, "snoopdevices", ())
             or (device, name) in getattr(source, "snoopvectors", ())
         )
+
+    def snooping(self, device, name):
+        """It asked for another device's traffic: noted on the driver before
+        the answer comes, as indiserver notes it. indipydriver notes it only
+        once its send has returned, so the definitions answering at once
+        were dropped as not snooped: a driver snooping a whole device got
+        only later changes, never the definitions."""
+        source = self.source
+        if not hasattr(source, "snoopdevices"):
+            return  # a remote server: its own server keeps track
+        if device is None:
+            source.snoopall = True
+        elif name is None:
+            source.snoopdevices.add(device)
+        elif isinstance(source.snoopvectors, dict):  # indipydriver's: key -> its snoop timer
+            source.snoopvectors.setdefault((device, name), None)
+        else:
+            source.snoopvectors.add((device, name))
+
+    def takes_blobs(self, device, name):
+        "True if it asked for another device's BLOBs: as indiserver, none before an enableBLOB."
+        mode = self.blobs.get((device, name)) or self.blobs.get(device, "Never")
+        return mode != "Never"
 
     def answer(self, element, data):
         self.server._hand_over(self, element)
@@ -3664,6 +3737,7 @@ class _Client:
     def __init__(self, server, sock, address):
         self.server, self.sock, self.fd = server, sock, sock.fileno()
         self.address = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.host = address[0] if isinstance(address, tuple) else str(address)
         self.loop = server._loop
         self.asked = False  # it has sent a valid request
         self.all_devices = False  # it asked for every device
@@ -3677,6 +3751,10 @@ class _Client:
         self.writing = False  # waiting for the socket to take more
         self.closed = False
         self.write_failed = False  # it went away: read what it sent before, then close
+        self.held_input = 0  # bytes of an unfinished element it sent
+        self.last_heard = self.loop.time()  # when it last sent something
+        self.stalled_since = None  # since when bytes wait for it
+        self.read_only = False  # its requests to change anything are refused
         self.task = None
         self.watched = False  # the event loop watches its socket for input
         self._readable = None  # while its task waits for input (and may be cancelled)
@@ -3721,11 +3799,19 @@ class _Client:
         self.server._deliver(self.route, data)
 
     def _enqueue(self, data):
-        "Queue data behind what waits; a client that leaves too much unread is disconnected."
+        """Queue data behind what waits; a client that leaves too much unread is
+        disconnected, and so are the largest holders when all together hold too much."""
+        server = self.server
         if not self.unsent:
-            self.server._stalled.add(self)
+            server._stalled.add(self)
+            self.stalled_since = self.loop.time()
         self.unsent.append(data)
         self.unsent_bytes += len(data)
+        server.held_bytes += len(data)
+        if server.held_bytes > server.max_memory:
+            server._shed()
+        if self.closed:
+            return
         if self.unsent_bytes > self.peak_unsent_bytes:
             self.peak_unsent_bytes = self.unsent_bytes
             if self.unsent_bytes > self.server.max_unread:
@@ -3763,6 +3849,7 @@ class _Client:
                 return
             if sent == self.unsent_bytes:  # all of it went, as it mostly does
                 unsent.clear()
+                self.server.held_bytes -= sent
                 self.unsent_bytes = 0
                 break
             if not self._drop_sent(sent):
@@ -3774,6 +3861,7 @@ class _Client:
             if self.writing:
                 self.writing = False
                 self.loop.remove_writer(self.fd)
+            self.stalled_since = None
             if not self.write_failed:
                 self.server._stalled.discard(self)
 
@@ -3781,6 +3869,7 @@ class _Client:
         """Take sent bytes off the front of the queue; False if they ended
         within a chunk (the socket took less than it was offered)."""
         self.unsent_bytes -= sent
+        self.server.held_bytes -= sent
         unsent = self.unsent
         while sent:
             if sent < len(unsent[0]):
@@ -3808,13 +3897,25 @@ class _Client:
             self.writing = False
             self.loop.remove_writer(self.fd)
         self.unsent.clear()
+        self.server.held_bytes -= self.unsent_bytes
         self.unsent_bytes = 0
+        self.stalled_since = None
+
+    def hold_input(self, held):
+        "It has sent held bytes of an element not yet finished: they count in the server's budget."
+        server = self.server
+        server.held_bytes += held - self.held_input
+        self.held_input = held
+        if server.held_bytes > server.max_memory:
+            server._shed()
 
     def close(self):
         if self.closed:
             return
         self.closed = True
         self._forget_unsent()
+        self.server.held_bytes -= self.held_input
+        self.held_input = 0
         self._unwatch()
         self.server._stalled.discard(self)
         self.server._forget(self)
@@ -3857,7 +3958,7 @@ class _Client:
             self.loop.remove_reader(self.fd)
 
     async def run(self):
-        stream = _IndiStream(source=f"client {self.address}")
+        stream = _IndiStream(self.server.max_element, source=f"client {self.address}")
         waited = True
         try:
             while not self.closed:
@@ -3869,10 +3970,14 @@ class _Client:
                     continue
                 if not data:
                     break
+                self.last_heard = self.loop.time()
                 if not waited:
                     await asyncio.sleep(0)  # read again without waiting: everyone else's turn first
                 waited = False
-                for count, element in enumerate(stream.feed(data), 1):
+                elements = stream.feed(data)
+                if stream.held != self.held_input:
+                    self.hold_input(stream.held)
+                for count, element in enumerate(elements, 1):
                     if self.closed:
                         break
                     await self.server._from_client(self, element)
@@ -3888,7 +3993,7 @@ class _Client:
         finally:
             self.close()
             self.sock.close()
-            logger.info("client %s disconnected", self.address)
+            logger.debug("client %s disconnected", self.address)
 
 
 class IndiServer(IPyServer):
@@ -3898,12 +4003,23 @@ class IndiServer(IPyServer):
     a server that a hostile client cannot lock, starve, inflate or use to
     spoof a device:
 
-    - connections: up to max_connections live ones (a closed one frees all
-      it held at once); at the limit, the longest-connected client that has
-      sent no valid request is closed to make room, and if every client has,
-      the newcomer is told the server is full;
+    - connections: up to max_connections live ones (default 500; a closed
+      one frees all it held at once). A newcomer always gets in, as under
+      indiserver: at the limit, one connection is closed to make room, told
+      why, and named in a warning: the longest-connected one that has sent
+      no valid request, else the one whose output has waited unread the
+      longest, else the one that has gone longest without sending anything.
+      Connections that asked once and stopped reading cannot keep anyone out;
+    - who: with allow (networks), a connection from any other address is
+      closed at once (logged at most once a minute per address); clients
+      from read_only networks get everything, and each new*Vector they send
+      is refused with a message to them;
     - output: each client has its own queue, counted in bytes; a client with
       more than max_unread bytes unread is disconnected with a warning;
+    - memory: what every client together leaves unread or has sent of an
+      unfinished element is at most max_memory bytes (default 64 MiB, an
+      element at most 16 MiB); beyond it the client holding the most is
+      disconnected, named in a warning, until the total is within it;
     - input: a client's requests are handled in turn with everyone else's,
       a few at a time; its elements are bounded in what they build
       (_IndiStream); it may ask (getProperties, enableBLOB and new*Vector
@@ -3914,15 +4030,20 @@ class IndiServer(IPyServer):
     rather than ending silently with status 0: a port that cannot be opened,
     an exception in any driver."""
 
-    def __init__(
-        self, *drivers, host="localhost", port=7624, max_connections=None, max_unread=None
-    ):
+    def __init__(self, *drivers, host="localhost", port=7624, max_connections=None,
+                 max_unread=None, max_memory=None, allow=None, read_only=None):  # fmt: skip
         super().__init__(*drivers, host=host, port=port, maxconnections=1)  # its client side unused
         max_connections = max_connections or DEFAULT_MAX_CONNECTIONS
         self.maxconnections = self.max_connections = (
             max_connections  # (IPyServer's name too, kept true)
         )
         self.max_unread = max_unread or DEFAULT_MAX_UNREAD_MIB << 20
+        self.max_memory = max_memory or DEFAULT_MAX_MEMORY_MIB << 20
+        self.max_element = min(MAX_ELEMENT_BYTES, self.max_memory)
+        self.held_bytes = 0  # unread output and unfinished input of every client
+        self.allow = parse_networks(allow) if isinstance(allow, str) else allow
+        self.read_only = parse_networks(read_only) if isinstance(read_only, str) else read_only
+        self._refused = {}  # address -> when its refusal was last logged
         self.failure = None
         self.listening = asyncio.Event()  # set once clients can connect
         self.clients = {}  # oldest first; the values are unused
@@ -3953,8 +4074,11 @@ class IndiServer(IPyServer):
         self._links.append(attach_link(relay, _DeviceLink(self, relay)))
 
     def add_exdriver(self, program, *args, debug_enable=False):
-        super().add_exdriver(program, *args, debug_enable=debug_enable)
-        executable = self.exdrivers[-1]
+        """As IPyServer.add_exdriver, and as indiserver runs one: if it ends,
+        its devices are deleted at clients and it is started again, up to
+        MAX_RESTARTS times."""
+        executable = _RestartingExDriver(program, *args, debug_enable=debug_enable)
+        self.exdrivers.append(executable)
         answer_pings(executable)
         self._links.append(attach_link(executable, _DeviceLink(self, executable)))
 
@@ -3992,7 +4116,22 @@ class IndiServer(IPyServer):
                     )  # as indiserver: what it defines later reaches this client
                 await self._ask(client, element, links)
         elif tag in NEW_TAGS:
-            if owner := self._owner(device):
+            if client.read_only:
+                client.asked = True
+                logger.warning(
+                    "client %s: refused <%s> for %s: it connects from a read-only address",
+                    client.address,
+                    tag,
+                    excerpt(device),
+                )
+                refusal = server_message(
+                    f"[WARNING] Refused: {client.host} may only read on this server "
+                    "(--read-only); nothing was changed"
+                )
+                if self._owner(device):
+                    refusal.set("device", device)
+                client.send(serialize(refusal))
+            elif owner := self._owner(device):
                 client.asked = True
                 client.interested(device, element.get("name"))  # as indiserver: it hears the answer
                 await self._pass(owner, element)
@@ -4053,6 +4192,7 @@ class IndiServer(IPyServer):
             self._publish(link, element)
         elif tag == "getProperties":  # a driver snooping on another device
             device = element.get("device")
+            link.snooping(device, element.get("name"))
             owner = self._owner(device)
             if device is None or owner is None:
                 targets = [other for other in self._links if other is not link]
@@ -4063,6 +4203,11 @@ class IndiServer(IPyServer):
             owner = self._owner(element.get("device"))
             if owner is not None and owner is not link:
                 await self._pass(owner, element)
+        elif tag == "enableBLOB":  # a driver snooping on another device's BLOBs
+            device, name, setting = element.get("device"), element.get("name"), element.text
+            setting = (setting or "").strip()
+            if device is not None and setting in BLOB_MODES and len(link.blobs) < 1024:
+                link.blobs[device if name is None else (device, name)] = setting
 
     def _publish(self, link, element):
         "Serialize an element from a device once, and hand it to whoever asked for it."
@@ -4092,7 +4237,11 @@ class IndiServer(IPyServer):
             self._deliver(route, serialize(element))
         if device is not None:
             for other in self._links:
-                if other is not link and other.snoops(device, name):
+                if (
+                    other is not link
+                    and other.snoops(device, name)
+                    and (tag != "setBLOBVector" or other.takes_blobs(device, name))
+                ):
                     self._hand_over(other, element)
 
     def _route(self, tag, device, name):
@@ -4202,39 +4351,69 @@ class IndiServer(IPyServer):
     # -- connections ----------------------------------------------------------
 
     def _admit(self, sock, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if self.allow is not None and not in_networks(host, self.allow):
+            sock.close()
+            now = self._loop.time()
+            if now - self._refused.get(host, -math.inf) >= 60:
+                if len(self._refused) >= 4096:  # addresses come from anyone: keep it bounded
+                    self._refused.clear()
+                self._refused[host] = now
+                logger.warning("refused a connection from %s, which is not allowed (--allow)", host)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = _Client(self, sock, address)
+        client.read_only = self.read_only is not None and in_networks(host, self.read_only)
         if len(self.clients) >= self.max_connections:
-            silent = next((c for c in self.clients if not c.asked), None)
-            if silent is None:
-                logger.warning(
-                    "refused client %s: all %d connections are in use",
-                    client.address,
-                    self.max_connections,
-                )
-                client.say_last(
-                    f"[WARNING] This server is full ({self.max_connections} clients); "
-                    "try again later"
-                )
-                sock.close()
-                return
+            quietest, why = self._quietest()
             logger.warning(
-                "closed client %s, which had sent no request, to make room for %s: "
-                "all %d connections are in use",
-                silent.address,
+                "closed client %s, which has %s, to make room for %s: all %d connections in use",
+                quietest.address,
+                why,
                 client.address,
                 self.max_connections,
             )
-            silent.say_last(
-                f"[WARNING] This server is full ({self.max_connections} clients): "
-                "this connection has "
-                f"sent no request, and is closed to make room"
+            quietest.say_last(
+                f"[WARNING] This server is full ({self.max_connections} clients): this connection "
+                f"has {why}, and is closed to make room"
             )
-        logger.info("client %s connected", client.address)
+        logger.debug("client %s connected", client.address)
         self.clients[client] = None
         self._clients_changed()
         client.task = self._tasks.create_task(client.run())
+
+    def _quietest(self):
+        """The connection to close to make room, and why: one that never
+        asked, else the one whose output has waited unread longest, else the
+        one that has gone longest without sending anything."""
+        now = self._loop.time()
+        silent = next((c for c in self.clients if not c.asked), None)
+        if silent is not None:
+            return silent, "sent no request"
+        stalled = [c for c in self._stalled if c.stalled_since is not None and not c.closed]
+        if stalled:
+            client = min(stalled, key=lambda c: c.stalled_since)
+            return client, f"left its output unread for {now - client.stalled_since:.0f} s"
+        client = min(self.clients, key=lambda c: c.last_heard)
+        return client, f"sent nothing for {now - client.last_heard:.0f} s"
+
+    def _shed(self):
+        "Over the memory budget: disconnect the largest holders until within it."
+        while self.held_bytes > self.max_memory:
+            client = max(self.clients, key=lambda c: c.unsent_bytes + c.held_input, default=None)
+            if client is None or not client.unsent_bytes + client.held_input:
+                return
+            logger.warning(
+                "client %s: disconnected, it held the most (%d bytes unread, %d of an unfinished "
+                "element) when all clients together held %d bytes (--max-memory %d)",
+                client.address,
+                client.unsent_bytes,
+                client.held_input,
+                self.held_bytes,
+                self.max_memory,
+            )
+            client.close()
 
     def _forget(self, client):
         if self.clients.pop(client, False) is None:
@@ -4552,6 +4731,73 @@ async def reap_executable(exdriver):
             exdriver.proc.kill()
 
 
+class _RestartingExDriver(ExDriver):
+    """indipyserver 0.0.6's ExDriver reads a driver that has ended forever
+    (an empty read is not taken as end of stream), and never starts it
+    again. Here its end is noticed: its devices are deleted at clients, and
+    it is started again, as indiserver 1.9.9 does, up to MAX_RESTARTS times
+    (a driver that keeps ending is not started forever)."""
+
+    async def asyncrun(self):
+        self._stop = False
+        restarts = 0
+        try:
+            while not self._stop:
+                await self._run_once()
+                if self._stop:
+                    break
+                for device in list(self.devicenames):
+                    await self._commsobj.run_tx(ET.Element("delProperty", device=device))
+                self.devicenames.clear()
+                if restarts >= MAX_RESTARTS:
+                    logger.error("driver %s ended; not started again after %d restarts",
+                                 self.program, restarts)  # fmt: skip
+                    break
+                restarts += 1
+                logger.warning("driver %s ended; restart #%d", self.program, restarts)
+        except Exception as exc:  # as ExDriver.asyncrun: the server goes on without it
+            logger.error("driver %s stopped on an error: %r", self.program, exc)
+        finally:
+            self._stop = True
+
+    async def _run_once(self):
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                self.program, *self.args, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+        except OSError as exc:
+            logger.error("cannot start driver %s: %s", self.program, exc.strerror or exc)
+            return
+        try:
+            await self._readdata(ET.Element("getProperties", version="1.7"))
+        except (ConnectionError, OSError):
+            pass  # it has ended already
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._pump_output())
+            tasks.create_task(self._pump_errors())
+        await self.proc.wait()
+
+    async def _pump_output(self):
+        stream = _IndiStream(source=f"driver {self.program}")
+        remainder = b""
+        while data := await self.proc.stdout.read(READ_SIZE):
+            data, remainder = self._removexmldec(data, remainder)
+            for element in stream.feed(data):
+                await self._dispatch_xml(element)
+
+    async def _pump_errors(self):
+        while line := await self.proc.stderr.readline():
+            logging.getLogger("indipyserver.exdriver").error(line.decode(errors="replace"))
+
+    async def xml_to_ext(self, root):
+        if self.proc is None or self.proc.returncode is not None or self.proc.stdin.is_closing():
+            return  # it has ended: what was for it is dropped, as indiserver drops it
+        try:
+            await super().xml_to_ext(root)
+        except (ConnectionError, OSError):
+            pass  # it ended while it was written to
+
+
 class _EndOfStreamReader:
     """indipyserver 0.0.6 reads a closed connection forever (an empty read
     is not taken as end of stream), spinning at 100% CPU. This reader turns
@@ -4573,11 +4819,32 @@ class _RelayingRemoteConnection(RemoteConnection):
     End of stream here is a lost connection, which it already retries every
     5 s. Each try also sent every client four messages ("Attempting to
     connect", "Connection refused", ...): they are logged only, and clients
-    are told once when the link is lost and once when it is made again."""
+    are told once when the link is lost and once when it is made again.
+    Its monitor woke every 0.1 s to see whether the link was made or lost:
+    here the link says so itself, and when it is lost its devices are
+    deleted at clients, as indiserver deletes a chained server's."""
 
     async def _run_rx(self):
         self._reader = _EndOfStreamReader(self._reader)
-        await super()._run_rx()
+        await self.send_getProperties()
+        await self._tell(f"Remote connection made to {self.indihost}:{self.indiport}")
+        try:
+            await super()._run_rx()
+        finally:
+            if not self._stop:
+                for device in sorted(self.devicenames):
+                    await self._commsobj.run_tx(ET.Element("delProperty", device=device))
+                self.devicenames.clear()
+                await self._tell(f"Remote connection to {self.indihost}:{self.indiport} lost")
+
+    async def _tell(self, text):
+        if self._commsobj is not None:
+            message = ET.Element("message", message=text)
+            message.set("timestamp", indi_timestamp(datetime.now(timezone.utc)))
+            await self._commsobj.run_tx(message)
+
+    async def _monitor_connection(self):
+        "Nothing to watch: _run_rx says when the link is made and lost."
 
     async def warning(self, message):
         logging.getLogger("indipyserver.remote").warning(message)  # as indipyserver logs it
@@ -4608,6 +4875,13 @@ def _number_type(low, high, kind=float):
         return value
 
     return convert
+
+
+def _networks_type(text):
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv=None, prog="thermostat.py"):
@@ -4748,8 +5022,8 @@ def parse_args(argv=None, prog="thermostat.py"):
         type=_number_type(1, MAX_CONNECTIONS, int),
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help=f"simultaneous client connections, 1..{MAX_CONNECTIONS}; at the limit, one that "
-        f"has sent no request makes room (default: %(default)s)",
+        help=f"simultaneous client connections, 1..{MAX_CONNECTIONS}; at the limit, the "
+        "quietest one is closed to let a newcomer in (default: %(default)s)",
     )
     parser.add_argument(
         "--max-unread",
@@ -4760,10 +5034,32 @@ def parse_args(argv=None, prog="thermostat.py"):
         "as indiserver -m (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-memory",
+        type=_number_type(1, 65536),
+        default=DEFAULT_MAX_MEMORY_MIB,
+        metavar="MIB",
+        help="what all clients together may leave unread or send of unfinished elements; "
+        "beyond it, the largest holder is disconnected (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow",
+        type=_networks_type,
+        metavar="ADDRESSES",
+        help="accept connections only from these addresses or networks, comma-separated "
+        "(e.g. 127.0.0.1,::1,192.168.1.0/24; default: from anywhere --host lets in)",
+    )
+    parser.add_argument(
+        "--read-only",
+        type=_networks_type,
+        metavar="ADDRESSES",
+        help="clients from these addresses or networks see everything but change nothing: "
+        "their requests are refused (default: none)",
+    )
+    parser.add_argument(
         "--stdio",
         action="store_true",
         help="speak INDI on stdin/stdout, as an executable driver under indiserver "
-        "(host, port, max-connections and max-unread do not apply); logs go to stderr",
+        "(--host, --port and the options on clients do not apply); logs go to stderr",
     )
     parser.add_argument(
         "--driver-xml",
@@ -5051,6 +5347,9 @@ def serve_guarded(args, prog, sensor, heater, guard, heater_known_off):
             port=args.port,
             max_connections=args.max_connections,
             max_unread=int(args.max_unread * (1 << 20)),
+            max_memory=int(args.max_memory * (1 << 20)),
+            allow=args.allow,
+            read_only=args.read_only,
         )
         serving = serve_until_stopped(server)
         status = run_event_loop(announcing(serving, notifier, driver.started, server.listening))
