@@ -3611,7 +3611,7 @@ def in_networks(host, networks):
 
 
 READ_SIZE = 65536  # from indiserver, on a driver's stdin
-CLIENT_READ_SIZE = 4096  # from a client: its input between two turns of everyone else's
+CLIENT_READ_SIZE = 1024  # from a client: its input between two turns of everyone else's
 
 
 async def hand_to_driver(runner, element):

@@ -298,7 +298,7 @@ def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path
     reader.join(2)
     print(f"watcher: {updates} of {polls} updates, longest gap {gap:.3f} s; flooder read {received[0]} bytes")
     assert received[0] > 1 << 20, "the flood was not answered"
-    assert updates >= 0.95 * polls and gap < 1.0
+    assert updates >= 0.5 * polls and gap < 0.6
     assert "log backlog full" not in server.stderr_text()
 
 
@@ -325,7 +325,9 @@ while time.monotonic() < deadline:
 
 
 def test_many_connections_flooding_malformed_tags_do_not_starve_another_one(served):
-    "Each malformed tag costs a parser reset: a read's worth of them must not hold the event loop for long."
+    """Each malformed tag costs a parser reset: a read's worth of them must not hold the event loop
+    for long. Read 64 KiB at a time, the watcher got 11 of 62 updates, with a gap of over a second;
+    the bound leaves room for a server that shares two cores with another test worker."""
     server = served()
     watcher = server.client()
     watcher.send('<getProperties version="1.7" device="Thermostat"/>')
@@ -338,7 +340,7 @@ def test_many_connections_flooding_malformed_tags_do_not_starve_another_one(serv
         flood.kill()
         flood.wait()
     print(f"watcher: {updates} of {polls} updates, longest gap {gap:.3f} s")
-    assert updates >= 0.95 * polls and gap < 1.0
+    assert updates >= 0.5 * polls and gap < 0.6
 
 
 class Slow(IPyDriver):
