@@ -189,6 +189,19 @@ def test_relay_minimums_hold_in_every_mode_through_target_changes_and_autotune()
         assert end - start >= (0.7 if on else 0.5) - 1e-6, (start, on, end)
 
 
+def test_switching_modes_while_heating_is_bumpless():
+    control = ThermalControl(target=15.0, temperature=5.0, proportional=True)
+    box = Simulator(5.0, clock=None, **FAST_PLANT)
+    run_model(control, box, 0.02, 0.5)
+    assert control.heater_power == 1.0  # the hysteresis heats at full power, far below
+    control.regulator.set_gains(0.05, 0.01, 0.0)  # from nothing, kp alone would ask 0.3
+    control.regulator.mode = "PID"
+    rows = run_model(control, box, 0.02, 0.1, start_s=0.5)
+    assert rows[0][2] == pytest.approx(1.0, abs=0.05)  # and the PID goes on from there
+    control.regulator.mode = "HYSTERESIS"
+    assert run_model(control, box, 0.02, 0.02, start_s=0.6)[0][2] == 1.0
+
+
 def test_a_safety_limit_switches_off_at_once_whatever_the_relay_minimum():
     control = ThermalControl(target=40.0, temperature=5.0, max_temperature=20.0)
     control.regulator.set_cycle(1.0, 3600.0, 0.1)
@@ -356,6 +369,27 @@ def test_an_autotune_cut_short_by_a_disconnect_says_why_with_alert(in_process):
     assert failed.get("state") == "Alert" and "disconnected" in failed.get("message")
 
 
+def test_the_regulation_settings_are_saved_and_apply_at_the_next_start(in_process, tmp_path):
+    config = tmp_path / "config.xml"
+    client = serve(in_process, thermostat.make_driver(poll_interval=POLL, config=config))
+    requests = [new_switch("Thermostat", "CONTROL_MODE", "PID", "On"),
+                new_number("Thermostat", "PID_SETTINGS", "KI", 0.25),
+                new_number("Thermostat", "CONTROL_CYCLE", "MIN_OFF_S", 7),
+                new_number("Thermostat", "TARGET_RAMP", "RATE", 2.5),
+                new_number("Thermostat", "REGULATION_SETTINGS", "BAND", 0.2),
+                new_text("Thermostat", "ACTIVE_DEVICES", "ACTIVE_WEATHER", "Station")]  # fmt: skip
+    for request in requests:
+        client.send(request)
+    wait_until(lambda: config.exists() and "Station" in config.read_text(), what="the save")
+    client.close()
+    driver = thermostat.make_driver(poll_interval=POLL, config=config)
+    serve(in_process, driver)
+    regulator = driver.thermostat.regulator
+    assert regulator.mode == "PID" and regulator.pid.ki == 0.25 and regulator.cycle[2] == 7
+    assert regulator.ramp.rate_k_per_min == 2.5 and regulator.band == 0.2
+    assert driver.regulation.weather == "Station"
+
+
 class Relay:
     "An on/off heater that records each switch with the time the driver polls by."
 
@@ -375,6 +409,8 @@ def test_the_driver_keeps_a_relay_s_minimum_on_and_off_times_in_hysteresis_mode(
     relay = Relay(box)
     driver = thermostat.make_driver(poll_interval=POLL, config=None, sensor=box, heater=relay)
     client = serve(in_process, driver)
+    client.send(new_number("Thermostat", "REGULATION_SETTINGS", "BAND", 0.05))  # it would chatter
+    next_set(client, "REGULATION_SETTINGS")
     client.send(new_number("Thermostat", "CONTROL_CYCLE", "MIN_ON_S", 0.3))
     next_set(client, "CONTROL_CYCLE")
     client.send(new_number("Thermostat", "CONTROL_CYCLE", "MIN_OFF_S", 0.2))
