@@ -77,7 +77,9 @@ __all__ = [
     "W1Sensor",
     "CommandSensor",
     "CommandHeater",
+    "CommandPowerHeater",
     "GpioHeater",
+    "Regulator",
     "ThermoDriver",
     "make_driver",
     "make_server",
@@ -1056,7 +1058,7 @@ class ThermalControl:
         self.heater_on = False  # as last switched
         self.heater_power = 0.0  # as last given: 1 for an on/off heater on
         self.heater_known = True  # False after a failed switch: then it is switched off first
-        self.heater_wanted = self.regulator.hold(None, "")  # within the limits: on/off, or a power
+        self.heater_wanted = 0.0 if proportional else False  # within the limits: on/off, or a power
         self.sensor_fault = self.heater_fault = None
         self.over_max = False  # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
@@ -2484,6 +2486,8 @@ class RegulationProperties:
         if event.get("START") != "On":
             if regulator.autotune.running:
                 regulator.autotune.abort("stopped by a client")
+            self._tuning, vector["START"] = regulator.autotune.state, "Off"
+            await vector.send_setVector(state="Idle")
             return
         target = regulator.target if regulator.mode == "DEWPOINT" else self.thermostat.target
         if target is None or not self.driver.in_control():
