@@ -103,7 +103,7 @@ logger = logging.getLogger("thermostat")
 # ---------------------------------------------------------------------------
 
 TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
-HYSTERESIS = 0.5  # the heater switches beyond target +/- this
+HYSTERESIS = 0.5  # the default band (BAND): the hysteresis switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor

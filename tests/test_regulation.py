@@ -415,7 +415,7 @@ def test_the_driver_keeps_a_relay_s_minimum_on_and_off_times_in_hysteresis_mode(
     next_set(client, "CONTROL_CYCLE")
     client.send(new_number("Thermostat", "CONTROL_CYCLE", "MIN_OFF_S", 0.2))
     next_set(client, "CONTROL_CYCLE")
-    wait_until(lambda: len(relay.switches) > 8, timeout=15, what="eight switches")
+    wait_until(lambda: len(relay.switches) > 6, timeout=15, what="six switches")
     for (start, on), (end, _) in zip(relay.switches[1:], relay.switches[2:], strict=False):
         assert end - start >= (0.3 if on else 0.2) - 0.02, relay.switches
     client.close()
@@ -467,14 +467,14 @@ def test_a_ramped_target_stays_busy_until_the_box_is_within_the_band(in_process)
     client = serve(in_process, driver)
     set_gains(client, tuned_gains(FAST_PLANT, True, 15.0))
     client.send(new_switch("Thermostat", "CONTROL_MODE", "PID", "On"))
-    client.send(new_number("Thermostat", "TARGET_RAMP", "RATE", 60))  # 1 K/s
+    client.send(new_number("Thermostat", "TARGET_RAMP", "RATE", 120))  # 2 K/s
     next_set(client, "TARGET_RAMP")
     client.send(new_number("Thermostat", "targetvector", "target", 18))
     assert next_set(client, "targetvector").get("state") == "Busy"
     next_set(client, "REGULATION", lambda e: 15.5 < value(e, "TARGET") < 17.5)  # on its way
     started = time.monotonic()
     next_set(client, "targetvector", lambda e: e.get("state") == "Ok")
-    assert time.monotonic() - started > 1.5  # the ramp took its time: 3 K at 1 K/s, less the band
+    assert time.monotonic() - started > 0.75  # the ramp took its time: 3 K at 2 K/s, less the band
 
 
 def test_the_effectiveness_alarm_lights_on_safety_status_through_the_driver(in_process):
@@ -601,3 +601,11 @@ def test_every_fail_safe_rule_gives_power_0_in_every_mode(in_process, heater_com
     wait_until(heating, what="the heater on once connected")
     running.stop()
     assert told()[-1] == off
+
+
+def test_a_command_power_heater_is_given_0_when_the_process_is_terminated(served, heater_command):
+    script, told = heater_command
+    server = served("--heater", f"command-power:{script}", "--target", "25")
+    wait_until(lambda: told()[-1:] == ["100"], what="full power, far below the target")
+    assert server.stop() == 0
+    assert told()[-1] == "0" and told()[0] == "0"
