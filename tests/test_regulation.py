@@ -391,23 +391,26 @@ def test_the_regulation_settings_are_saved_and_apply_at_the_next_start(in_proces
 
 
 class Relay:
-    "An on/off heater that records each switch with the time the driver polls by."
-
-    def __init__(self, box):
-        self.box, self.switches = box, []
+    """An on/off heater that records each switch with the time of the poll
+    that decided it (the regulator's, which the minimums count in: under load
+    a switch may come late after its poll's reading, which is no shorter pulse)."""
 
     instant = True
+
+    def __init__(self, box):
+        self.box, self.switches, self.regulator = box, [], None
 
     def switch(self, on):
         self.box.set_power(1.0 if on else 0.0)
         if not self.switches or self.switches[-1][1] != on:
-            self.switches.append((datetime.now(timezone.utc).timestamp(), on))
+            self.switches.append((self.regulator.relay[1] if self.regulator else 0.0, on))
 
 
 def test_the_driver_keeps_a_relay_s_minimum_on_and_off_times_in_hysteresis_mode(in_process):
     box = Simulator(5.0, **FAST_PLANT)
     relay = Relay(box)
     driver = thermostat.make_driver(poll_interval=POLL, config=None, sensor=box, heater=relay)
+    relay.regulator = driver.thermostat.regulator
     client = serve(in_process, driver)
     client.send(new_number("Thermostat", "REGULATION_SETTINGS", "BAND", 0.05))  # it would chatter
     next_set(client, "REGULATION_SETTINGS")
@@ -417,7 +420,7 @@ def test_the_driver_keeps_a_relay_s_minimum_on_and_off_times_in_hysteresis_mode(
     next_set(client, "CONTROL_CYCLE")
     wait_until(lambda: len(relay.switches) > 6, timeout=15, what="six switches")
     for (start, on), (end, _) in zip(relay.switches[1:], relay.switches[2:], strict=False):
-        assert end - start >= (0.3 if on else 0.2) - 0.02, relay.switches
+        assert end - start >= (0.3 if on else 0.2) - 1e-6, relay.switches
     client.close()
 
 
@@ -467,14 +470,14 @@ def test_a_ramped_target_stays_busy_until_the_box_is_within_the_band(in_process)
     client = serve(in_process, driver)
     set_gains(client, tuned_gains(FAST_PLANT, True, 15.0))
     client.send(new_switch("Thermostat", "CONTROL_MODE", "PID", "On"))
-    client.send(new_number("Thermostat", "TARGET_RAMP", "RATE", 120))  # 2 K/s
+    client.send(new_number("Thermostat", "TARGET_RAMP", "RATE", 60))  # 1 K/s
     next_set(client, "TARGET_RAMP")
     client.send(new_number("Thermostat", "targetvector", "target", 18))
     assert next_set(client, "targetvector").get("state") == "Busy"
     next_set(client, "REGULATION", lambda e: 15.5 < value(e, "TARGET") < 17.5)  # on its way
     started = time.monotonic()
     next_set(client, "targetvector", lambda e: e.get("state") == "Ok")
-    assert time.monotonic() - started > 0.75  # the ramp took its time: 3 K at 2 K/s, less the band
+    assert time.monotonic() - started > 1.5  # the ramp took its time: 3 K at 1 K/s, less the band
 
 
 def test_the_effectiveness_alarm_lights_on_safety_status_through_the_driver(in_process):
