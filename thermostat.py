@@ -4643,7 +4643,9 @@ def parse_args(argv=None, prog="thermostat.py"):
         "--sensor",
         metavar="SPEC",
         default="simulator",
-        help="where the temperature comes from: simulator (the default); w1:DIR, a 1-wire "
+        help="where the temperature comes from: simulator (the default), or simulator:TAU, "
+        "its box with a time constant of TAU seconds (1000: TAU=10 is 100 times as fast); "
+        "w1:DIR, a 1-wire "
         "sensor's directory, e.g. w1:/sys/bus/w1/devices/28-0316a2796bff (DIR/temperature "
         "in millidegrees C); or command:CMD, a command that prints degrees C",
     )
@@ -4741,6 +4743,11 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
+    if kind == "simulator":
+        try:
+            return Simulator(time_constant_s=parse_number(rest, "simulator:TAU", 0.01, 1e6))
+        except ValueError as exc:
+            raise ValueError(f"argument --sensor: {exc}") from None
     _check_command("--sensor", kind, rest)
     if kind == "w1" and rest:
         if not Path(rest).is_dir():
@@ -4751,7 +4758,7 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
         return W1Sensor(rest)
     if kind == "command" and shlex.split(rest):
         return CommandSensor(rest, timeout)
-    raise ValueError(f"argument --sensor: {spec!r} is not simulator, w1:DIR or command:CMD")
+    raise ValueError(f"argument --sensor: {spec!r} is not simulator[:TAU], w1:DIR or command:CMD")
 
 
 def make_heater(spec, timeout=HARDWARE_TIMEOUT):
