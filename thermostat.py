@@ -2263,10 +2263,11 @@ def arm(kind, words, timeout):
     """Check, while the driver runs, what switching off needs; return the
     action that switches off, which returns (None or why it failed, a GPIO
     request to hold or None)."""
-    if kind == "command" and words:
+    if kind in ("command", "command-power") and words:
         if not found(words[0]):
             raise RuntimeError(f"cannot find {words[0]}")
-        return lambda: (spawned([*words, "off"], timeout), None)
+        off = "off" if kind == "command" else "0"  # command-power: power 0 %
+        return lambda: (spawned([*words, off], timeout), None)
     if kind == "pwm" and len(words) == 1:
         if not os.access(words[0], os.W_OK):
             raise RuntimeError(f"cannot write to {words[0]}")
@@ -2352,7 +2353,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
-    if kind == "command":
+    if kind in ("command", "command-power"):
         try:
             argv = shlex.split(rest)
         except ValueError as exc:
@@ -2360,7 +2361,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
                 f"argument --heater: cannot split {rest!r} into words: {exc}"
             ) from None
         if argv:
-            return ["command", *argv]
+            return [kind, *argv]
     if kind == "pwm" and len(parts := rest.split(":")) == 2:
         try:
             return ["pwm", str(pwm_directory(*parts, root=pwm_root) / "duty_cycle")]
@@ -2392,7 +2393,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
             where = os.path.dirname(where)  # a package: gpiod/__init__.py
         return ["gpio", path, parts[1], "active-low" if len(parts) == 3 else "active-high", where]
     raise ValueError(
-        f"argument --heater: {spec!r} is not simulator, command:CMD, "
+        f"argument --heater: {spec!r} is not simulator, command:CMD, command-power:CMD, "
         f"gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"
     )
 
@@ -3558,7 +3559,7 @@ class RegulationProperties:
 
     async def autotune(self, event):
         "A client's PID_AUTOTUNE: START On starts a tune around the target, Off stops one."
-        vector, regulator, now = event.vector, self.regulator, datetime.now(timezone.utc)
+        vector, regulator = event.vector, self.regulator
         if event.get("START") != "On":
             if regulator.autotune.running:
                 regulator.autotune.abort("stopped by a client")
@@ -3570,7 +3571,9 @@ class RegulationProperties:
             await self.driver.reject(vector, "autotune needs a connected thermostat and a target "
                                              "(in DEWPOINT mode, a dew point)")  # fmt: skip
             return
-        regulator.start_autotune(now.timestamp(), target, self.thermostat.max_temperature)
+        # the regulator's times are the safety timers' clock, as ThermalControl.step gives them
+        regulator.start_autotune(self.driver.equipment.clock(), target,
+                                 self.thermostat.max_temperature)  # fmt: skip
         self._tuning, vector["START"] = "running", "On"
         await vector.send_setVector(state="Busy", message=f"tuning around {target:.2f}")
 
@@ -3590,7 +3593,7 @@ class RegulationProperties:
         if tune.state != self._tuning:
             self._tuning = tune.state
             await self._autotune_ended(tune)
-        now_s = reading.timestamp.timestamp()
+        now_s = self.driver.equipment.clock()  # the clock dew.observe is given
         last = max(self._asked_s or -math.inf, regulator.dew.observed_s or -math.inf)
         if self.weather and now_s - last >= WEATHER_ASK_S:
             self._asked_s = now_s
@@ -3637,7 +3640,7 @@ class RegulationProperties:
         except ValueError as exc:
             dew.problem = clipped(str(exc), 120)
             return
-        dew.observe(datetime.now(timezone.utc).timestamp(), point)
+        dew.observe(self.driver.equipment.clock(), point)  # the regulator's clock: its steps
         dew.problem = None
 
 

@@ -383,7 +383,7 @@ def test_the_command_line_serves_an_iio_sensor_without_humidity(root, served):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("iio:", "'iio:' is not simulator, w1:DIR, iio:DEVICE or command:CMD"),
+    ("iio:", "'iio:' is not simulator[:TAU], w1:DIR, iio:DEVICE or command:CMD"),
     ("iio:/nowhere/iio:device0", "argument --sensor: /nowhere/iio:device0 is not a directory"),
 ])
 def test_a_bad_iio_sensor_is_one_clear_line(spec, words):

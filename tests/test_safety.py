@@ -327,7 +327,12 @@ def run(*argv):
 
 
 def rows_on_disk(folder):
-    return sum(len(path.read_text().splitlines()) - 1 for path in folder.glob("*.csv*"))
+    "The rows in the log files on disk; a file finished (its .part renamed) while counted: counted again."
+    while True:
+        try:
+            return sum(len(path.read_text().splitlines()) - 1 for path in folder.glob("*.csv*"))
+        except FileNotFoundError:
+            continue
 
 
 @pytest.fixture
