@@ -6281,7 +6281,10 @@ def switch_heater_off(heater, tries=2, prog="thermostat.py"):
         return 0  # the simulator: nothing to switch
     for _ in range(tries):
         try:
-            heater.switch(False)
+            if is_proportional(heater):
+                heater.set_power(0.0)  # command-power: power 0 is off
+            else:
+                heater.switch(False)
             return 0
         except Exception as exc:  # noqa: BLE001 - a heater's switch may raise anything
             error = exc

@@ -293,6 +293,12 @@ def test_heater_off_switches_the_heater_off_and_exits_0_or_1_if_it_cannot(record
     assert "relay jammed" in done.stderr
 
 
+def test_heater_off_gives_a_command_power_heater_0(recorder):
+    done = subprocess.run([sys.executable, str(ROOT / "thermostat.py"), "--heater-off", "--heater",
+                           f"command-power:{recorder.path}"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and recorder.words() == ["0"], done.stderr
+
+
 def unit_for(*options):
     done = subprocess.run([sys.executable, str(ROOT / "thermostat.py"), *options,
                            "--systemd-unit"], capture_output=True, text=True, timeout=30)
