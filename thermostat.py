@@ -34,6 +34,7 @@ import locale
 import logging
 import math
 import os
+import random
 import re
 import select
 import shlex
@@ -82,7 +83,9 @@ __all__ = [
     "IIOSensor",
     "CommandSensor",
     "CommandHeater",
+    "CommandPowerHeater",
     "GpioHeater",
+    "Regulator",
     "ThermoDriver",
     "make_driver",
     "make_server",
@@ -107,8 +110,7 @@ logger = logging.getLogger("thermostat")
 # ---------------------------------------------------------------------------
 
 TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
-HEATING_STEP = 0.2  # degrees the simulated temperature moves each poll
-HYSTERESIS = 0.5  # the heater switches beyond target +/- this
+HYSTERESIS = 0.5  # the default band (BAND): the hysteresis switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor
@@ -163,12 +165,15 @@ def failure_reason(error):
 
 @dataclass(frozen=True)
 class Safety:
-    "Why the heater is held off, if it is: each None while all is well."
+    """Why the heater is held off, if it is, and what else is wrong with its
+    regulation: each None while all is well."""
 
     sensor: str | None = None  # why the last reading was refused
     heater: str | None = None  # why the last switching of the heater failed
     limit: str | None = None  # which limit holds the heater off
     alarm: bool = False  # the limit is the heater-on time: latched until re-armed
+    effective: str | None = None  # why the heater seems not to heat (HeaterEffectiveness)
+    weather: str | None = None  # why the dew point is not followed (DEWPOINT mode)
 
     def lights(self):
         """The SAFETY_STATUS lights, by member name, in order: first libindi's
@@ -177,9 +182,28 @@ class Safety:
             "SENSOR": "Alert" if self.sensor else "Ok",
             "HEATER": "Alert" if self.heater else "Ok",
             "LIMITS": "Alert" if self.alarm else "Busy" if self.limit else "Ok",
+            "EFFECTIVE": "Alert" if self.effective else "Ok",
+            "WEATHER": "Busy" if self.weather else "Ok",
         }
         worst = next((s for s in ("Alert", "Busy") if s in lights.values()), "Ok")
         return {"SAFETY": worst, **lights}
+
+    def news(self, before):
+        "What changed since before that SAFETY_STATUS says in its message ('' if nothing)."
+        changes = []
+        if self.limit != before.limit:
+            level = "ERROR" if self.alarm else "WARNING"
+            changes.append((level, self.limit) if self.limit else
+                           (None, "the heater is within its limits again"))  # fmt: skip
+        if self.effective != before.effective:
+            changes.append(("ERROR", f"heater: {self.effective}") if self.effective else
+                           (None, "the heater heats again"))  # fmt: skip
+        if self.weather != before.weather:
+            changes.append(("WARNING", f"weather: {self.weather}") if self.weather else
+                           (None, "the dew point is followed again"))  # fmt: skip
+        levels = [level for level, _ in changes if level]
+        prefix = f"[{'ERROR' if 'ERROR' in levels else levels[0]}] " if levels else ""
+        return prefix + "; ".join(text for _, text in changes)
 
 
 @dataclass(frozen=True)
@@ -187,30 +211,829 @@ class Reading:
     timestamp: datetime
     temperature: float  # the last good reading (NaN before the first)
     heater_on: bool
-    in_band: bool  # a good reading within target +/- HYSTERESIS
+    in_band: bool  # a good reading within the band of the target
     safety: Safety = Safety()
+    power: float = 0.0  # what the heater is given, 0..1
+
+
+# ---------------------------------------------------------------------------
+# Regulation: the parts ThermalControl decides a heater power with. Times are
+# float seconds (any epoch), powers fractions 0..1, temperatures degrees
+# Celsius, temperature differences kelvin.
+# ---------------------------------------------------------------------------
+
+EPSILON_S = 1e-9  # float rounding of times: a minimum held within this is held
+CONTROL_MODES = ("HYSTERESIS", "PID", "DEWPOINT")
+# PID gains (kp 1/K, ki 1/(K s), kd s/K) from PID_AUTOTUNE on the default Simulator at
+# the default poll, by the on/off heater's rule (the gentler, and safe for both kinds)
+DEFAULT_GAINS = (0.72, 0.0041, 4.6)
+CYCLE_S = 60.0  # time proportioning's cycle for an on/off heater under PID
+MIN_SWITCH_S = 0.1  # the relay's default minimum on and off times: a poll limits more
+NO_RISE_S = 900.0  # seconds at full power without a rise that raise the effectiveness alarm
+DEW_OFFSET = 3.0  # kelvin above the dew point in DEWPOINT mode
+REGULATION_WINDOW_S = 3600.0  # REGULATION's figures cover the last hour
+
+
+def clamp(value, low, high):
+    return min(max(value, low), high)
 
 
 class Simulator:
-    """The default sensor and heater, in one object: each read() moves the
-    temperature one HEATING_STEP up (heater on) or down (heater off)."""
+    """The default sensor and heater, in one object: a heated box, its
+    temperature T obeying dT/dt = (ambient_c + heater_rise_k * power - T) /
+    time_constant_s, with the sensor a first-order lag of sensor_lag_s
+    behind T and gaussian noise of sensor_noise_k (seeded: runs repeat).
+    Each interval is integrated exactly with the power held through it, so
+    the trajectory is the same whatever the poll interval: it moves to
+    clock() at each read and power change (clock None: by advance() alone).
+
+    The defaults keep the seed's feel around its 15 degree target: at 15
+    degrees the box cools at 0.02 K/s with the heater off and warms at 0.02
+    K/s at full power (0.2 K per 10 s poll), and holds at half power. As a
+    heater it has switch(on) and set_power(fraction): a proportional one."""
 
     instant = True  # read and switched in the event loop: no worker thread
     valid_range = None  # whatever it reads is plausible
 
-    def __init__(self, temperature=20.0):
-        self.temperature = temperature
-        self.heater_on = False
+    def __init__(self, temperature=20.0, *, time_constant_s=1000.0, heater_rise_k=40.0,
+                 ambient_c=-5.0, sensor_lag_s=0.0, sensor_noise_k=0.0, seed=0,
+                 clock=time.monotonic):  # fmt: skip
+        if not time_constant_s > 0 or sensor_lag_s < 0 or sensor_noise_k < 0:
+            raise ValueError(
+                "time_constant_s must be positive, sensor_lag_s and sensor_noise_k not negative"
+            )
+        self.time_constant_s, self.heater_rise_k = time_constant_s, heater_rise_k
+        self.ambient_c = ambient_c  # may be changed between advances
+        self.temperature = self.sensed = temperature  # the box's, and its sensor's (noise aside)
+        self.sensor_lag_s, self.sensor_noise_k = sensor_lag_s, sensor_noise_k
+        self.power = 0.0
+        self.now_s = None
+        self.clock = clock
+        self._random = random.Random(seed)
 
-    def read(self):
-        step = HEATING_STEP if self.heater_on else -HEATING_STEP
-        self.temperature = min(
-            max(round(self.temperature + step, 2), TEMPERATURE_MIN), TEMPERATURE_MAX
-        )
-        return self.temperature
+    @property
+    def heater_on(self):
+        return self.power > 0
+
+    def set_power(self, fraction):
+        if self.clock is not None:
+            self.advance(self.clock())
+        self.power = clamp(float(fraction), 0.0, 1.0)
 
     def switch(self, on):
-        self.heater_on = on
+        self.set_power(1.0 if on else 0.0)
+
+    def equilibrium(self, power):
+        "Where the box settles at a constant power."
+        return self.ambient_c + self.heater_rise_k * power
+
+    def advance(self, now_s):
+        "Move the box and its sensor on to now_s (a time not after the last is ignored)."
+        if self.now_s is None or now_s <= self.now_s:
+            self.now_s = now_s if self.now_s is None else self.now_s
+            return
+        dt, self.now_s = now_s - self.now_s, now_s
+        tau, lag = self.time_constant_s, self.sensor_lag_s
+        settle = self.equilibrium(self.power)
+        box, sensor = self.temperature - settle, self.sensed - settle
+        decay = math.exp(-dt / tau)
+        self.temperature = settle + box * decay
+        if lag == 0:
+            self.sensed = self.temperature
+            return
+        # the sensor's offset s obeys s' = (box * exp(-t / tau) - s) / lag
+        lag_decay = math.exp(-dt / lag)
+        x = dt * (tau - lag) / (tau * lag)
+        if x == 0:
+            forced = box * decay * dt / lag
+        elif abs(x) < 1:  # tau close to lag: expm1 keeps the difference exact
+            forced = box * tau * decay * -math.expm1(-x) / (tau - lag)
+        else:
+            forced = box * tau * (decay - lag_decay) / (tau - lag)
+        self.sensed = settle + sensor * lag_decay + forced
+
+    def read(self):
+        "The sensor's reading now (at the last advance() without a clock), noise included."
+        if self.clock is not None:
+            self.advance(self.clock())
+        if self.sensor_noise_k:
+            return self.sensed + self._random.gauss(0.0, self.sensor_noise_k)
+        return self.sensed
+
+
+# Controllers: update(now_s, measured, target) -> power 0..1, and reset(power)
+# to take over from another mode at the heater's current power.
+
+
+class Hysteresis:
+    """The seed's rule: on below target - band, off above target + band, and
+    between them whatever it was. Full power or none."""
+
+    def __init__(self, band=HYSTERESIS):
+        self.band = band
+        self.on = False
+
+    def reset(self, power=0.0):
+        "Take over with the heater at power: on stays on until above the band."
+        self.on = power is not None and power >= 0.5
+
+    def update(self, now_s, measured, target):
+        if measured < target - self.band:
+            self.on = True
+        elif measured > target + self.band:
+            self.on = False
+        return 1.0 if self.on else 0.0
+
+
+class PID:
+    """A PID controller for a heater, in parallel form:
+    output = kp * error + (integral of ki * error) - kd * d(measured)/dt.
+
+    - The derivative is of the measurement, so that a target change does not
+      kick; it is filtered (time constant kd / kp / derivative_filter) so
+      that noise is not amplified without bound.
+    - Anti-windup: far from the target the integral stops while the output
+      is held at a limit by an error that would push it further, so a
+      warm-up from cold does not overshoot. Within windup_zone_k of the
+      target (judged on the readings smoothed over the integral time) it
+      integrates always, within the output range: an on/off heater's ripple
+      holds the output at a limit for part of each cycle, and stopping then
+      would bias the mean temperature.
+    - dt comes from now_s: uneven polls are integrated as they fall; a poll
+      at the same time (or earlier, after a clock step) integrates nothing.
+    - Bumpless: reset(power) makes the next output continue from power; a
+      target change moves the integral by the proportional term's step, so
+      the output does not jump and the new target is approached through the
+      integral (little overshoot). reset() alone is a fresh start."""
+
+    def __init__(self, kp, ki=0.0, kd=0.0, *, output_min=0.0, output_max=1.0,
+                 derivative_filter=3.0, windup_zone_k=HYSTERESIS, zone_smoothing=1.0):  # fmt: skip
+        if kp < 0 or ki < 0 or kd < 0 or not output_min < output_max:
+            raise ValueError("gains must not be negative, and output_min below output_max")
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.output_min, self.output_max = output_min, output_max
+        self.derivative_filter = derivative_filter
+        self.windup_zone_k = windup_zone_k
+        self.zone_smoothing = zone_smoothing
+        self.reset()
+
+    @property
+    def gains(self):
+        return self.kp, self.ki, self.kd
+
+    def reset(self, power=None):
+        """Forget the history. power: the heater's power now, for a bumpless
+        start from it; None starts with an empty integral."""
+        self.integral = self.derivative = 0.0
+        self.output = 0.0 if power is None else power
+        self._start_power = power
+        self._last_s = self._last_measured = self._smoothed = self._target = None
+
+    def update(self, now_s, measured, target):
+        "Return the power for a good reading (the caller holds the heater off on a bad one)."
+        error = target - measured
+        proportional = self.kp * error
+        if self._last_s is None:
+            if self._start_power is not None:
+                self.integral = self._start_power - proportional
+            self._last_s, self._last_measured, self._target = now_s, measured, target
+            self._smoothed = measured
+            return self._out(proportional)
+        if target != self._target:
+            self.integral -= self.kp * (target - self._target)
+            self._target = target
+        dt = now_s - self._last_s
+        if dt > 0:
+            filter_s = self.kd / (self.kp * self.derivative_filter) if self.kp > 0 else 0.0
+            self.derivative = (
+                filter_s * self.derivative - self.kd * (measured - self._last_measured)
+            ) / (filter_s + dt)
+            integral = self.integral + self.ki * error * dt
+            output = proportional + integral + self.derivative
+            smoothing_s = self.zone_smoothing * self.kp / self.ki if self.ki > 0 else 0.0
+            self._smoothed += (measured - self._smoothed) * (
+                -math.expm1(-dt / smoothing_s) if smoothing_s > 0 else 1.0
+            )
+            if abs(target - self._smoothed) <= self.windup_zone_k:
+                # within the output range; one already outside (bumpless) only comes back
+                integral = min(integral, max(self.output_max, self.integral))
+                self.integral = max(integral, min(self.output_min, self.integral))
+            elif not (
+                output > self.output_max and error > 0 or output < self.output_min and error < 0
+            ):
+                self.integral = integral
+            self._last_measured = measured
+        if dt != 0:
+            self._last_s = now_s
+        return self._out(proportional)
+
+    def _out(self, proportional):
+        self.output = clamp(
+            proportional + self.integral + self.derivative, self.output_min, self.output_max
+        )
+        return self.output
+
+
+class RelayGuard:
+    """Holds a relay's state at least min_on_s once switched on and
+    min_off_s once switched off: a change asked sooner waits until the
+    minimum is over. A safety limit that must switch off at once uses
+    force_off(), which the guard then counts from."""
+
+    def __init__(self, min_on_s=0.0, min_off_s=0.0):
+        if min_on_s < 0 or min_off_s < 0:
+            raise ValueError("minimum times must not be negative")
+        self.min_on_s, self.min_off_s = min_on_s, min_off_s
+        self.reset()
+
+    def reset(self, on=False, since_s=-math.inf):
+        "Take over a relay that is on (or off) since since_s (-inf: long enough for any change)."
+        self.on, self.since_s = on, since_s
+
+    def update(self, now_s, wanted):
+        "Return the state to switch to: wanted, once the current state has lasted its minimum."
+        wanted = bool(wanted)
+        if wanted != self.on:
+            minimum = self.min_on_s if self.on else self.min_off_s
+            if now_s - self.since_s >= minimum - EPSILON_S:
+                self.on, self.since_s = wanted, now_s
+        return self.on
+
+    def force_off(self, now_s):
+        if self.on:
+            self.on, self.since_s = False, now_s
+
+
+class TimeProportioning:
+    """A power fraction as on/off for an on/off heater, by delta-sigma
+    modulation: the on-time owed (the integral of the fraction asked, less
+    the time on) switches the heater on while it is positive and off while
+    it is not, through a RelayGuard that holds every on at least
+    max(min_on_s, cycle_s / 2) and every off at least max(min_off_s, cycle_s / 2).
+
+    So half power is one cycle of cycle_s, half on, half off; at any other
+    fraction the shorter of on and off stays at its minimum and the longer
+    stretches (20 % with a 120 s cycle: 60 s on, 240 s off): the shortest
+    period, and so the least ripple, that the minimums allow. What a minimum
+    or a late poll adds to or takes from a pulse stays owed, so the mean
+    duty is the mean fraction asked."""
+
+    def __init__(self, cycle_s=CYCLE_S, min_on_s=0.0, min_off_s=0.0):
+        if not cycle_s > 0:
+            raise ValueError("cycle_s must be positive")
+        self.cycle_s = cycle_s
+        self.guard = RelayGuard(max(min_on_s, cycle_s / 2), max(min_off_s, cycle_s / 2))
+        self.reset()
+
+    @property
+    def on(self):
+        return self.guard.on
+
+    def reset(self, on=False, since_s=-math.inf):
+        "Start afresh, owing nothing, with the heater on (or off) since since_s."
+        self.guard.reset(on, since_s)
+        self.owed_s = self.fraction = 0.0
+        self._last_s = None
+
+    def update(self, now_s, fraction):
+        "Return whether the heater is to be on now."
+        if self._last_s is not None and now_s > self._last_s:
+            dt = now_s - self._last_s
+            self.owed_s += (self.fraction - (1.0 if self.guard.on else 0.0)) * dt
+            bound = self.guard.min_on_s + self.guard.min_off_s + dt  # forget older debts
+            self.owed_s = clamp(self.owed_s, -bound, bound)
+        if self._last_s is None or now_s > self._last_s:
+            self._last_s = now_s
+        self.fraction = clamp(fraction, 0.0, 1.0)
+        owing = self.owed_s > 0 or self.owed_s == 0 and self.fraction > 0  # 0: a fresh start
+        return self.guard.update(now_s, owing)
+
+
+# kp / Ku, Ti / Pu, Td / Pu. "on-off" is Tyreus-Luyben at half the gain and twice the
+# integral time: for a PID through TimeProportioning, whose ripple and pulse lengths the
+# relay test does not see (at full Tyreus-Luyben gains the cycles turn irregular).
+TUNING_RULES = {
+    "ziegler-nichols": (0.6, 0.5, 0.125),
+    "tyreus-luyben": (1 / 2.2, 2.2, 1 / 6.3),
+    "on-off": (1 / 4.4, 4.4, 1 / 6.3),
+}
+
+
+def gains_from_ultimate(ultimate_gain, period_s, rule="tyreus-luyben"):
+    "(kp, ki, kd) from the ultimate gain and period by a rule of TUNING_RULES."
+    gain, integral, derivative = TUNING_RULES[rule]
+    kp = gain * ultimate_gain
+    return kp, kp / (integral * period_s), kp * derivative * period_s
+
+
+def _agree(values, tolerance):
+    mean = sum(values) / len(values)
+    return mean > 0 and (max(values) - min(values)) <= tolerance * mean
+
+
+class Autotune:
+    """Relay-feedback autotune (Astrom-Hagglund) around a target: the heater
+    goes to high below target - hysteresis_k and to low above target +
+    hysteresis_k (through a RelayGuard with the relay's minimums), which
+    makes the box oscillate. Once `cycles` successive cycles (the approach
+    never counts) agree within `tolerance` in period and amplitude, their
+    means are the ultimate period Pu and amplitude a; the ultimate gain is
+    Ku = 4 d / (pi a), d = (high - low) / 2, and the gains follow by `rule`.
+
+    It fails, saying why in reason, above max_temperature_c, on a reading
+    that is not a number, by abort(), and when no steady oscillation comes
+    within max_time_s or max_cycles. Done or failed, it asks for no power.
+    state is "idle", "running", "done" (gains set) or "failed" (reason set)."""
+
+    def __init__(self, *, hysteresis_k=0.1, high=1.0, low=0.0, cycles=3, tolerance=0.15,
+                 max_cycles=20, max_time_s=6 * 3600.0, max_temperature_c=MAX_TEMPERATURE,
+                 min_on_s=0.0, min_off_s=0.0, rule="tyreus-luyben"):  # fmt: skip
+        if not (0 <= low < high <= 1) or cycles < 3 or rule not in TUNING_RULES:
+            raise ValueError("need 0 <= low < high <= 1, cycles >= 3 and a rule of TUNING_RULES")
+        self.hysteresis_k, self.high, self.low = hysteresis_k, high, low
+        self.cycles, self.tolerance, self.max_cycles = cycles, tolerance, max_cycles
+        self.max_time_s, self.max_temperature_c, self.rule = max_time_s, max_temperature_c, rule
+        self.guard = RelayGuard(min_on_s, min_off_s)
+        self.state, self.target = "idle", None
+        self.gains = self.reason = None
+        self.ultimate_gain = self.period_s = self.amplitude_k = None
+        self.output = 0.0
+
+    @property
+    def running(self):
+        return self.state == "running"
+
+    def start(self, now_s, target, on=False, since_s=-math.inf):
+        "Start around target, the heater on (or off) since since_s."
+        self.state, self.target = "running", target
+        self.gains = self.reason = None
+        self.ultimate_gain = self.period_s = self.amplitude_k = None
+        self.guard.reset(on, since_s)
+        self._start_s = now_s
+        self._switched_off = False  # cycles count from the first on after an off
+        self._seen_above = self._seen_below = False
+        self._last_on_s = None
+        self._high_c, self._low_c = -math.inf, math.inf
+        self._periods, self._amplitudes = [], []
+        self.output = self.high if on else self.low
+
+    def update(self, now_s, measured):
+        "Return the power to apply now: the relay's while running, 0 once done or failed."
+        if self.state != "running":
+            return 0.0
+        if not math.isfinite(measured):
+            return self.abort(f"the reading {measured!r} is not a temperature")
+        if measured > self.max_temperature_c:
+            return self.abort(
+                f"{measured:.2f} is above the maximum temperature {self.max_temperature_c:g}"
+            )
+        if self._last_on_s is not None:
+            self._high_c, self._low_c = max(self._high_c, measured), min(self._low_c, measured)
+        below = measured < self.target - self.hysteresis_k
+        above = measured > self.target + self.hysteresis_k
+        self._seen_below |= below
+        self._seen_above |= above
+        was_on = self.guard.on
+        on = self.guard.update(now_s, True if below else False if above else was_on)
+        if was_on and not on:
+            self._switched_off = True
+        elif on and not was_on and self._switched_off:
+            self._cycle_ends(now_s, measured)
+            if self.state != "running":
+                return 0.0
+        if now_s - self._start_s > self.max_time_s:
+            return self.abort(self._no_oscillation(f"within {self.max_time_s:g} s"))
+        self.output = self.high if on else self.low
+        return self.output
+
+    def abort(self, reason):
+        self.state, self.reason, self.output = "failed", reason, 0.0
+        return 0.0
+
+    def _cycle_ends(self, now_s, measured):
+        if self._last_on_s is not None:
+            self._periods.append(now_s - self._last_on_s)
+            self._amplitudes.append((self._high_c - self._low_c) / 2)
+        self._last_on_s = now_s
+        self._high_c = self._low_c = measured
+        periods = self._periods[1:][-self.cycles :]
+        amplitudes = self._amplitudes[1:][-self.cycles :]
+        if (
+            len(periods) == self.cycles
+            and _agree(periods, self.tolerance)
+            and _agree(amplitudes, self.tolerance)
+        ):
+            self.period_s = sum(periods) / len(periods)
+            self.amplitude_k = sum(amplitudes) / len(amplitudes)
+            if self.amplitude_k <= 0:
+                self.abort("the oscillation has no amplitude")
+                return
+            self.ultimate_gain = 4 * (self.high - self.low) / 2 / (math.pi * self.amplitude_k)
+            self.gains = gains_from_ultimate(self.ultimate_gain, self.period_s, self.rule)
+            self.state, self.output = "done", 0.0
+        elif len(self._periods) > self.max_cycles:
+            self.abort(self._no_oscillation(f"in {self.max_cycles} cycles"))
+
+    def _no_oscillation(self, when):
+        if not self._seen_above:
+            return (
+                f"no oscillation {when}: the temperature never rose above "
+                f"{self.target + self.hysteresis_k:g} (is the heater strong enough, and on?)"
+            )
+        if not self._seen_below:
+            return (
+                f"no oscillation {when}: the temperature never fell below "
+                f"{self.target - self.hysteresis_k:g} (is the ambient above the target?)"
+            )
+        periods = ", ".join(f"{p:.4g}" for p in self._periods[-self.cycles :])
+        return f"no steady oscillation {when}: the last periods were {periods} s"
+
+
+class Ramp:
+    """The effective target, moving from the temperature at the time a
+    target is set to that target at rate_k_per_min (0: at once), as
+    libindi's camera coolers ramp CCD_TEMPERATURE."""
+
+    def __init__(self, rate_k_per_min=0.0):
+        if rate_k_per_min < 0:
+            raise ValueError("rate_k_per_min must not be negative")
+        self.rate_k_per_min = rate_k_per_min
+        self.target = self.effective = None
+        self._last_s = None
+
+    def arrived(self, target):
+        "True unless a ramp to target is under way."
+        return self.target != target or self.effective == target
+
+    def update(self, now_s, measured, target):
+        "Return the effective target now."
+        if target != self.target:
+            self.target = target
+            self.effective = measured if self.rate_k_per_min > 0 else target
+        elif self.rate_k_per_min == 0:
+            self.effective = target
+        elif now_s > self._last_s:
+            step = self.rate_k_per_min / 60 * (now_s - self._last_s)
+            gap = target - self.effective
+            self.effective = (
+                target if abs(gap) <= step else self.effective + math.copysign(step, gap)
+            )
+        self._last_s = now_s if self._last_s is None else max(self._last_s, now_s)
+        return self.effective
+
+
+@dataclass
+class _Bin:
+    start_s: float
+    seconds: float = 0.0
+    squares: float = 0.0  # time-weighted sum of error squared
+    errors: float = 0.0  # time-weighted sum of error
+    largest: float = 0.0  # of |error|, over the readings in the bin
+    in_band_s: float = 0.0
+    energy_s: float = 0.0  # power times seconds
+    switches: int = 0
+
+
+class RegulationStats:
+    """How well the temperature is held over the last window_s: RMS, mean
+    and largest error, the fraction of time in band, the duty cycle (mean
+    power) and the heater's switches (between off and on) per hour. Memory
+    is bounded whatever the poll: the window is kept as `bins` bins, so the
+    figures cover between window_s and one bin more. Each reading (and the
+    power decided on it) holds until the next one."""
+
+    def __init__(self, window_s=REGULATION_WINDOW_S, band=HYSTERESIS, bins=60):
+        if not window_s > 0 or bins < 1:
+            raise ValueError("window_s must be positive, bins at least 1")
+        self.window_s, self.band = window_s, band
+        self.bin_s = window_s / bins
+        self._bins = collections.deque()
+        self._last = None  # (now_s, error, power) of the last reading
+
+    def add(self, now_s, measured, target, power):
+        error = measured - target
+        if self._last is not None:
+            last_s, last_error, last_power = self._last
+            t = max(last_s, now_s - self.window_s - self.bin_s)
+            while t < now_s:
+                bin_ = self._bin_at(t)
+                index = math.floor(t / self.bin_s)
+                end = min(now_s, (index + 1) * self.bin_s)
+                if end <= t:  # t on a bin's edge, rounded down
+                    end = min(now_s, (index + 2) * self.bin_s)
+                seconds = end - t
+                bin_.seconds += seconds
+                bin_.squares += last_error * last_error * seconds
+                bin_.errors += last_error * seconds
+                bin_.in_band_s += seconds if abs(last_error) <= self.band else 0.0
+                bin_.energy_s += last_power * seconds
+                t = end
+            if (power > 0) != (last_power > 0):
+                self._bin_at(now_s).switches += 1
+        if self._last is None or now_s >= self._last[0]:
+            bin_ = self._bin_at(now_s)
+            bin_.largest = max(bin_.largest, abs(error))
+            self._last = (now_s, error, power)
+        while self._bins and self._bins[0].start_s + self.bin_s <= now_s - self.window_s:
+            self._bins.popleft()
+
+    def _bin_at(self, t):
+        start = math.floor(t / self.bin_s) * self.bin_s
+        if not self._bins or self._bins[-1].start_s < start:
+            self._bins.append(_Bin(start))
+        for bin_ in reversed(self._bins):
+            if bin_.start_s <= start:
+                return bin_
+        return self._bins[0]
+
+    def _sum(self, name):
+        return sum(getattr(bin_, name) for bin_ in self._bins)
+
+    @property
+    def seconds(self):
+        return self._sum("seconds")
+
+    def _per_second(self, name):
+        seconds = self.seconds
+        return self._sum(name) / seconds if seconds > 0 else math.nan
+
+    @property
+    def rms_error(self):
+        value = self._per_second("squares")
+        return math.sqrt(value) if math.isfinite(value) else value
+
+    @property
+    def mean_error(self):
+        return self._per_second("errors")
+
+    @property
+    def max_error(self):
+        return max((bin_.largest for bin_ in self._bins), default=math.nan)
+
+    @property
+    def time_in_band(self):
+        return self._per_second("in_band_s")
+
+    @property
+    def duty(self):
+        return self._per_second("energy_s")
+
+    @property
+    def switches_per_hour(self):
+        seconds = self.seconds
+        return self._sum("switches") * 3600 / seconds if seconds > 0 else math.nan
+
+
+class HeaterEffectiveness:
+    """An alarm for a heater that does not heat: asked full_power or more
+    for alarm_after_s without the temperature rising rise_k above its lowest
+    reading since (an open strap, a dead relay, a sensor not in the box, a
+    heater too weak for the target). A rise of rise_k starts the wait
+    afresh; the alarm clears on such a rise, or once the power drops."""
+
+    def __init__(self, alarm_after_s=NO_RISE_S, rise_k=0.5, full_power=0.95):
+        self.alarm_after_s, self.rise_k, self.full_power = alarm_after_s, rise_k, full_power
+        self.reason = None
+        self._since_s, self._lowest = None, math.inf
+
+    def update(self, now_s, measured, power):
+        "Return why the alarm is raised, or None."
+        if power < self.full_power or not math.isfinite(measured):
+            self._since_s, self._lowest, self.reason = None, math.inf, None
+            return None
+        if self._since_s is None:
+            self._since_s = now_s
+        self._lowest = min(self._lowest, measured)
+        if measured - self._lowest >= self.rise_k:
+            self._since_s, self._lowest, self.reason = now_s, measured, None
+        elif now_s - self._since_s >= self.alarm_after_s:
+            self.reason = (
+                f"the heater ran at full power for {now_s - self._since_s:.0f} s and the "
+                f"temperature rose less than {self.rise_k:g} K: is it heating the box, and is "
+                "the sensor in it?"
+            )
+        return self.reason
+
+
+MAGNUS_B, MAGNUS_C = 17.62, 243.12  # over water, -45..60 degrees (WMO, Sonntag 1990)
+
+
+def dew_point(temperature, relative_humidity):
+    """The dew point in degrees Celsius by the Magnus formula, relative
+    humidity in percent (above 100, as sensors read in fog, is taken as 100)."""
+    if not (
+        math.isfinite(temperature)
+        and temperature > -MAGNUS_C
+        and math.isfinite(relative_humidity)
+        and relative_humidity > 0
+    ):
+        raise ValueError(
+            f"no dew point for {temperature!r} degrees at {relative_humidity!r} % humidity"
+        )
+    gamma = math.log(min(relative_humidity, 100.0) / 100) + MAGNUS_B * temperature / (
+        MAGNUS_C + temperature
+    )
+    return MAGNUS_C * gamma / (MAGNUS_B - gamma)
+
+
+@dataclass(frozen=True)
+class Setpoint:
+    "What to regulate to: a target, or (target None) a fixed power, and why."
+
+    target: float | None
+    power: float | None
+    state: str  # "fresh", "holding" or "fallback"
+
+
+class DewPointTarget:
+    """A target offset_k above the dew point of the air, for a dew heater.
+
+    The dew point comes by observe(). While the last is at most max_age_s
+    old the target follows it; once older, the last target is held for
+    hold_s more (a weather station that misses a few updates changes
+    nothing); after that, and before any observation, the heater runs
+    open-loop at fallback_power: below full, so that lost weather data never
+    leaves the heater full on, and above none, so that the optics are still
+    kept warmer than the air."""
+
+    def __init__(self, offset_k=DEW_OFFSET, max_age_s=600.0, hold_s=1800.0, fallback_power=0.3):
+        if not 0 <= fallback_power < 1:
+            raise ValueError("fallback_power must be from 0 to below 1 (never full on)")
+        self.offset_k, self.max_age_s, self.hold_s = offset_k, max_age_s, hold_s
+        self.fallback_power = fallback_power
+        self.dew_point = None
+        self.observed_s = None
+        self.problem = None  # why no dew point comes, if known
+
+    def observe(self, now_s, dew_point_c):
+        self.dew_point, self.observed_s = dew_point_c, now_s
+
+    def setpoint(self, now_s):
+        if self.observed_s is not None:
+            age = now_s - self.observed_s
+            if age <= self.max_age_s + self.hold_s:
+                state = "fresh" if age <= self.max_age_s else "holding"
+                return Setpoint(self.dew_point + self.offset_k, None, state)
+        return Setpoint(None, self.fallback_power, "fallback")
+
+
+def is_proportional(heater):
+    "True for a heater that takes a power, set_power(fraction), rather than switch(on)."
+    return hasattr(heater, "set_power")
+
+
+class Regulator:
+    """The heater's power for each good reading, in the CONTROL_MODE: the
+    hysteresis, a PID, or a PID to the dew point plus an offset (DEWPOINT);
+    a running autotune takes the place of the mode until it ends. The target
+    may be ramped; the figures (stats) and the effectiveness alarm follow
+    every step. An on/off heater gets the power as on/off, within the
+    relay's minimums in every mode (by TimeProportioning under PID); a
+    proportional heater gets it as it is. hold() (a fail-safe rule) is power
+    0 at once, minimums or not; the next step takes over bumplessly."""
+
+    def __init__(self, *, proportional=False, band=HYSTERESIS, gains=DEFAULT_GAINS,
+                 cycle_s=CYCLE_S, min_on_s=MIN_SWITCH_S, min_off_s=MIN_SWITCH_S,
+                 window_s=REGULATION_WINDOW_S):  # fmt: skip
+        self.proportional = proportional
+        self.mode = "HYSTERESIS"
+        self.hysteresis = Hysteresis(band)
+        self.pid = PID(*gains)
+        self.ramp = Ramp()
+        self.dew = DewPointTarget()
+        self.stats = RegulationStats(window_s, band)
+        self.effectiveness = HeaterEffectiveness()
+        self.autotune = Autotune()  # idle until start_autotune
+        self.set_cycle(cycle_s, min_on_s, min_off_s)
+        self.asked = self.power = 0.0  # the controller's power, and what the heater is given
+        self.target = None  # the effective target at the last step (None: open loop)
+        self.weather = None  # why the dew point is not followed, in DEWPOINT mode
+        self.relay = (False, -math.inf)  # an on/off heater's state, and since when
+        self._driving = None  # what decided the last power: another one takes over
+        self._before_hold = None  # what decided it before a hold: it resumes after
+        self._resync = False  # the relay's guards take over its state at the next step
+        self._last_s = -math.inf
+
+    @property
+    def band(self):
+        return self.hysteresis.band
+
+    @band.setter
+    def band(self, band):
+        self.hysteresis.band = self.stats.band = band
+
+    @property
+    def cycle(self):
+        return self.tpo.cycle_s, self.guard.min_on_s, self.guard.min_off_s
+
+    def set_cycle(self, cycle_s, min_on_s, min_off_s):
+        self.guard = RelayGuard(min_on_s, min_off_s)
+        self.tpo = TimeProportioning(cycle_s, min_on_s, min_off_s)
+        self._resync = True
+
+    def set_gains(self, kp, ki, kd):
+        self.pid.kp, self.pid.ki, self.pid.kd = kp, ki, kd
+        self.pid.reset(self.pid.output)  # bumpless
+
+    def in_band(self, temperature, target):
+        "True while the temperature is within band of the target, and any ramp has arrived."
+        if self.mode == "DEWPOINT":
+            return self.target is not None and abs(temperature - self.target) <= self.band
+        return abs(temperature - target) <= self.band and self.ramp.arrived(target)
+
+    def start_autotune(self, now_s, target, max_temperature):
+        "Tune the PID around target by relay feedback, within the relay's minimums."
+        _, min_on_s, min_off_s = self.cycle
+        minimums = {} if self.proportional else dict(min_on_s=min_on_s, min_off_s=min_off_s)
+        rule = "tyreus-luyben" if self.proportional else "on-off"
+        self.autotune = Autotune(rule=rule, max_temperature_c=max_temperature, **minimums)
+        self.autotune.start(now_s, target, *self.relay)
+
+    def hold(self, now_s, why):
+        "The heater command while a fail-safe rule holds it off: off, at once."
+        if self.autotune.running:
+            self.autotune.abort(f"stopped: {why}")
+        self.asked = self.power = 0.0
+        if self.relay[0]:
+            self.relay = (False, self._last_s if now_s is None else now_s)
+        self._before_hold = self._driving or self._before_hold
+        self._driving = None
+        self.effectiveness.update(now_s, math.nan, 0.0)
+        return self._command()
+
+    def step(self, now_s, measured, target):
+        "The heater command for a good reading: on or off, or a power for a proportional heater."
+        self._last_s = now_s
+        target = self._setpoint(now_s, measured, target)
+        if self.autotune.running:
+            driving = self.autotune
+        elif target is None:
+            driving = self.dew  # open loop at its fallback power
+        else:
+            driving = self.hysteresis if self.mode == "HYSTERESIS" else self.pid
+        if driving is not self._driving or self._resync:
+            self.guard.reset(*self.relay)
+            self.tpo.reset(*self.relay)
+            self._resync = False
+        if driving is not self._driving:
+            self._take_over(driving)
+        if driving is self.autotune:
+            asked = self.autotune.update(now_s, measured)
+            if self.autotune.state == "done":
+                self.set_gains(*self.autotune.gains)
+        elif driving is self.dew:
+            asked = self.dew.fallback_power
+        else:
+            asked = driving.update(now_s, measured, target)
+        self.asked = asked
+        if self.proportional:
+            self.power = asked
+        else:
+            if driving is self.autotune:
+                on = asked > 0  # within the minimums: the autotune's relay has them
+            elif driving is self.hysteresis:
+                on = self.guard.update(now_s, asked > 0)
+            else:
+                on = self.tpo.update(now_s, asked)
+            self.power = 1.0 if on else 0.0
+            if on != self.relay[0]:
+                self.relay = (on, now_s)
+        if target is not None:
+            self.stats.add(now_s, measured, target, self.power)
+        self.effectiveness.update(now_s, measured, asked)
+        return self._command()
+
+    def _command(self):
+        return round(self.power, 3) if self.proportional else self.power > 0
+
+    def _take_over(self, driving):
+        """Bumpless: a mode switched to starts from the power given; after a
+        hold, the controller before it resumes from where it was; after an
+        autotune, or at the start, a fresh start."""
+        previous = self._driving or self._before_hold
+        if driving is self.pid and previous is self.pid:
+            self.pid.reset(self.pid.output)
+        elif driving in (self.hysteresis, self.pid) and previous is not driving:
+            fresh = previous is None or previous is self.autotune
+            driving.reset(None if fresh else self.power)
+        self._driving, self._before_hold = driving, None
+
+    def _setpoint(self, now_s, measured, target):
+        "The effective target: the target ramped, or the dew point's (None: open loop)."
+        self.weather = None
+        if self.mode != "DEWPOINT":
+            self.target = self.ramp.update(now_s, measured, target)
+            return self.target
+        point = self.dew.setpoint(now_s)
+        problem = self.dew.problem or "none has come for a while"
+        if point.state == "holding":
+            self.weather = f"no fresh dew point ({problem}): its last target is held"
+        elif point.state == "fallback":
+            self.weather = (
+                f"no dew point ({problem}): the heater runs at {point.power * 100:.0f} % power"
+            )
+        self.target = point.target
+        return self.target
 
 
 def _seconds(now, clock):
@@ -221,12 +1044,13 @@ def _seconds(now, clock):
 class ThermalControl:
     """A thermostat's regulation. Each step() takes what the sensor measured,
     refuses an implausible reading (which holds the heater off until good
-    readings return), and decides whether the heater is wanted, around
-    target +/- HYSTERESIS, within two limits: off above max_temperature,
-    and off with a latched alarm after max_heater_on seconds of continuous
-    heating. What the heater must be switched to is heater_command(); the
-    outcome of each switch comes back through heater_switched(). valid_range
-    is the sensor's plausible range, if it has one.
+    readings return), and decides the heater's power (its Regulator, in the
+    control mode), within two limits: off above max_temperature, and off
+    with a latched alarm after max_heater_on seconds of continuous heating
+    at full power. Off is power 0, whatever the mode. What the heater must
+    be given is heater_command(): on or off, or for a proportional heater a
+    power; the outcome comes back through heater_switched(). valid_range is
+    the sensor's plausible range, if it has one.
 
     The safety timers (heater-on, stuck) follow `clock`, a monotonic time in
     seconds that the driver passes in (its time.monotonic), so that a step
@@ -244,6 +1068,7 @@ class ThermalControl:
         max_heater_on=MAX_HEATER_ON,
         stuck_after=STUCK_AFTER,
         valid_range=None,
+        proportional=False,
     ):
         self.name = name
         self.temperature = temperature  # the last good reading (NaN before the first)
@@ -254,23 +1079,25 @@ class ThermalControl:
         self.max_heater_on = max_heater_on
         self.stuck_after = stuck_after
         self.valid_range = valid_range
+        self.regulator = Regulator(proportional=proportional)
         self.heater_on = False  # as last switched
+        self.heater_power = 0.0  # as last given: 1 for an on/off heater on
         self.heater_known = True  # False after a failed switch: then it is switched off first
-        self.heater_wanted = False  # what regulation within the limits asks for
-        self.demand = False  # what regulation alone asks for (its hysteresis memory)
+        self.heater_wanted = 0.0 if proportional else False  # within the limits: on/off, or a power
         self.sensor_fault = self.heater_fault = None
         self.over_max = False  # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
         self.guard_fault = None  # why nothing outside the driver would switch the heater off
         self._on_since = None  # when the heater was switched on (clock)
+        self._full_since = None  # when it was given full power (clock)
         self._last_value = None  # the last value read, and since when
         self._value_since = None
         self._stuck = False
 
     @property
     def in_band(self):
-        "True while the temperature is within target +/- HYSTERESIS."
-        return abs(self.temperature - self.target) <= HYSTERESIS
+        "True while the temperature is within the band of the target (and any ramp has arrived)."
+        return self.regulator.in_band(self.temperature, self.target)
 
     @property
     def known_off(self):
@@ -293,7 +1120,9 @@ class ThermalControl:
         else:
             limit = None
         heater = self.heater_fault or self.guard_fault
-        return Safety(self.sensor_fault, heater, limit, self.on_time_alarm)
+        regulator = self.regulator
+        return Safety(self.sensor_fault, heater, limit, self.on_time_alarm,
+                      regulator.effectiveness.reason, regulator.weather)  # fmt: skip
 
     def step(self, now, measured, clock=None):
         """Advance one poll at time now (an aware UTC datetime) and return the
@@ -307,41 +1136,46 @@ class ThermalControl:
     def reading(self, now):
         "The reading as things stand (after the heater has been switched, say)."
         good = self.sensor_fault is None
-        return Reading(now, self.temperature, self.heater_on, good and self.in_band, self.safety)
+        return Reading(now, self.temperature, self.heater_on, good and self.in_band, self.safety,
+                       self.heater_power)  # fmt: skip
 
     def heater_command(self):
-        """What the heater must be switched to now, or None: off after a
-        failed switch (its state is then unknown), else the wanted state."""
+        """What the heater must be given now, or None: off after a failed
+        switch (its state is then unknown), else the wanted state or power."""
         if not self.heater_known:
-            return False
-        return None if self.heater_wanted == self.heater_on else self.heater_wanted
+            return 0.0 if self.regulator.proportional else False
+        current = self.heater_power if self.regulator.proportional else self.heater_on
+        return None if self.heater_wanted == current else self.heater_wanted
 
     def heater_switched(self, on, now, error=None, clock=None):
-        """Record the outcome of switching the heater on or off (error: the
-        exception that says why it failed)."""
+        """Record the outcome of switching the heater on or off, or of giving
+        it a power (error: the exception that says why it failed)."""
         if error is not None:
             self.heater_known = False
-            state = "on" if on else "off"
+            state = f"to {on:.1%}" if type(on) is float else "on" if on else "off"
             self._set_fault("heater_fault", f"switching it {state} failed: {failure_reason(error)}")
             return
-        if on and not self.heater_on:
+        power = float(on)
+        if power > 0 and not self.heater_on:
             self._on_since = _seconds(now, clock)
-        self.heater_on, self.heater_known = on, True
+        if power >= 1 and self.heater_power < 1:
+            self._full_since = _seconds(now, clock)
+        self.heater_on, self.heater_power, self.heater_known = power > 0, power, True
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
 
     def heater_deadline(self):
-        "When (clock) the heater-on limit runs out: math.inf unless the heater is on."
-        if self.heater_on and not self.on_time_alarm:
-            return self._on_since + self.max_heater_on
+        "When (clock) the heater-on limit runs out: math.inf unless the heater is at full power."
+        if self.heater_power >= 1 and not self.on_time_alarm:
+            return self._full_since + self.max_heater_on
         return math.inf
 
     def expire(self, clock):
         """Enforce the heater-on limit at clock, between polls: True if that
         latched the alarm (the heater is then wanted off)."""
-        if self.heater_on and not self.on_time_alarm and clock >= self.heater_deadline():
+        if self.heater_power >= 1 and not self.on_time_alarm and clock >= self.heater_deadline():
             self.on_time_alarm = True
-            self.heater_wanted = False
+            self.heater_wanted = self.regulator.hold(clock, self.safety.limit)
             logger.error("%s: %s", self.name, self.safety.limit)
             return True
         return False
@@ -351,11 +1185,11 @@ class ThermalControl:
         driver die, else why it would not; until it is None the heater is off."""
         self._set_fault("guard_fault", problem)
         if problem:
-            self.heater_wanted = False
+            self.heater_wanted = self.regulator.hold(None, problem)
 
     def stand_by(self):
         "Nothing is regulated now (the driver is disconnected): the heater is wanted off."
-        self.heater_wanted = False
+        self.heater_wanted = self.regulator.hold(None, "the thermostat was disconnected")
 
     def rearm(self):
         "A client's new target acknowledges a heater-on time alarm."
@@ -402,13 +1236,9 @@ class ThermalControl:
         return self._stuck
 
     def _regulate(self, now):
-        "Decide heater_wanted: the hysteresis on good readings, within the limits."
+        "Decide heater_wanted: the regulator's on good readings, within the limits."
         good = self.sensor_fault is None
         if good:
-            if self.temperature > self.target + HYSTERESIS:
-                self.demand = False
-            elif self.temperature < self.target - HYSTERESIS:
-                self.demand = True
             over_max = self.temperature > self.max_temperature or (
                 self.over_max and self.temperature > self.max_temperature - HYSTERESIS
             )
@@ -428,13 +1258,11 @@ class ThermalControl:
                     self.name,
                 )
         self.expire(now)
-        self.heater_wanted = (
-            self.demand
-            and good
-            and not self.over_max
-            and not self.on_time_alarm
-            and not self.guard_fault
-        )
+        if good and not self.over_max and not self.on_time_alarm and not self.guard_fault:
+            self.heater_wanted = self.regulator.step(now, self.temperature, self.target)
+        else:
+            why = self.sensor_fault or self.safety.limit or self.guard_fault
+            self.heater_wanted = self.regulator.hold(now, why)
 
     def _set_fault(self, kind, fault):
         "Set sensor_fault or heater_fault, logging each change."
@@ -903,9 +1731,10 @@ class TemperatureLog:
 
 # ---------------------------------------------------------------------------
 # Hardware. A sensor has read(): degrees Celsius, or an exception that says
-# why not; a heater has switch(on): returns once switched, or raises. Both
-# may block (Hardware calls them in a worker thread, with a timeout, unless
-# they say `instant = True`); a sensor may give `valid_range`.
+# why not; a heater has switch(on), or for a proportional one set_power(fraction):
+# returns once switched, or raises. Both may block (Hardware calls them in a
+# worker thread, with a timeout, unless they say `instant = True`); a sensor
+# may give `valid_range`.
 # ---------------------------------------------------------------------------
 
 SENSOR_RANGE = (-55.0, 125.0)  # the DS18B20's, and a plausible range for a command's readings
@@ -939,20 +1768,7 @@ class W1Sensor:
 IIO_DEVICES = Path("/sys/bus/iio/devices")
 HUMIDITY_RANGE = (0.0, 100.0)  # percent relative humidity
 HUMIDITY_SATURATED = 110.0  # readings up to this are a saturated sensor's: taken as 100
-MAGNUS_B, MAGNUS_C = 17.62, 243.12  # the Magnus formula's constants over water (Sonntag 1990)
 _SYSFS_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # as IIO prints them: 21375, -0.0012
-
-
-def dew_point(temperature, humidity):
-    """The dew point in degrees Celsius of air at temperature (degrees C) and
-    humidity (percent relative), by the Magnus formula; ValueError if the
-    humidity is not above 0 and at most 100, or the temperature not above -c."""
-    if not (math.isfinite(humidity) and 0 < humidity <= 100):
-        raise ValueError(f"no dew point for a relative humidity of {humidity:g} %")
-    if not (math.isfinite(temperature) and temperature > -MAGNUS_C):
-        raise ValueError(f"no dew point for a temperature of {temperature:g} degrees C")
-    gamma = math.log(humidity / 100) + MAGNUS_B * temperature / (MAGNUS_C + temperature)
-    return MAGNUS_C * gamma / (MAGNUS_B - gamma)
 
 
 def find_iio_device(device, root=IIO_DEVICES):
@@ -1232,6 +2048,17 @@ class CommandHeater:
         run_program([*self.argv, "on" if on else "off"], self.timeout)
 
 
+class CommandPowerHeater:
+    """A command run as `COMMAND PERCENT` (`COMMAND 37.5`; `COMMAND 0` is off)
+    to give the heater a power: a proportional heater (a dimmer, a PWM board)."""
+
+    def __init__(self, command, timeout=HARDWARE_TIMEOUT):
+        self.argv, self.timeout = shlex.split(command), timeout
+
+    def set_power(self, fraction):
+        run_program([*self.argv, f"{round(fraction * 100, 1):g}"], self.timeout)
+
+
 class GpioHeater:
     """A relay on a Linux GPIO line, through libgpiod's Python bindings
     (gpiod 2.x: pip install 'thermostat[gpio]'). The line is held as an
@@ -1436,10 +2263,11 @@ def arm(kind, words, timeout):
     """Check, while the driver runs, what switching off needs; return the
     action that switches off, which returns (None or why it failed, a GPIO
     request to hold or None)."""
-    if kind == "command" and words:
+    if kind in ("command", "command-power") and words:
         if not found(words[0]):
             raise RuntimeError(f"cannot find {words[0]}")
-        return lambda: (spawned([*words, "off"], timeout), None)
+        off = "off" if kind == "command" else "0"  # command-power: power 0 %
+        return lambda: (spawned([*words, off], timeout), None)
     if kind == "pwm" and len(words) == 1:
         if not os.access(words[0], os.W_OK):
             raise RuntimeError(f"cannot write to {words[0]}")
@@ -1525,7 +2353,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
-    if kind == "command":
+    if kind in ("command", "command-power"):
         try:
             argv = shlex.split(rest)
         except ValueError as exc:
@@ -1533,7 +2361,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
                 f"argument --heater: cannot split {rest!r} into words: {exc}"
             ) from None
         if argv:
-            return ["command", *argv]
+            return [kind, *argv]
     if kind == "pwm" and len(parts := rest.split(":")) == 2:
         try:
             return ["pwm", str(pwm_directory(*parts, root=pwm_root) / "duty_cycle")]
@@ -1565,7 +2393,7 @@ def guard_action(spec, pwm_root=PWM_ROOT):
             where = os.path.dirname(where)  # a package: gpiod/__init__.py
         return ["gpio", path, parts[1], "active-low" if len(parts) == 3 else "active-high", where]
     raise ValueError(
-        f"argument --heater: {spec!r} is not simulator, command:CMD, "
+        f"argument --heater: {spec!r} is not simulator, command:CMD, command-power:CMD, "
         f"gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"
     )
 
@@ -1798,6 +2626,7 @@ class Hardware:
     def __init__(self, sensor, heater, timeout=HARDWARE_TIMEOUT, guard=None, clock=time.monotonic):
         self.sensor, self.heater, self.timeout = sensor, heater, timeout
         self.guard, self.clock = guard, clock
+        self.proportional = is_proportional(heater)
         self._sensor_read = self._heater_switch = None  # calls still running in a worker thread
         self._switching = threading.Lock()  # held by a heater switch in a worker thread
         self._interrupted = asyncio.Event()  # the driver stops: a wait for the sensor ends
@@ -1845,8 +2674,8 @@ class Hardware:
         return ValueError("the sensor's read() returned None") if result is None else result
 
     async def follow(self, model, in_control):
-        """Switch the heater as the model asks, a failed switch followed at
-        once by a switch off. False if in_control() turned False while the
+        """Switch the heater (or give it a power) as the model asks, a failed
+        switch followed at once by a switch off. False if in_control() turned False while the
         heater switched (a disconnect or a stop, which switched it off)."""
         for _ in range(2):
             if (on := model.heater_command()) is None:
@@ -1894,14 +2723,21 @@ class Hardware:
     def _switch_in_turn(self, on):
         "Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn."
         with self._switching:
-            self.heater.switch(on)
+            self._apply(on)
+
+    def _apply(self, on):
+        "on: on or off, or a power 0..1; a proportional heater is given it as a power."
+        if self.proportional:
+            self.heater.set_power(float(on))
+        else:
+            self.heater.switch(bool(on))
 
     def switch_now(self, model, on, now=None):
         """Switch the heater here and now (recorded at now, by default the
         time it switched); return None, or the exception that says why it
         failed."""
         try:
-            self.heater.switch(on)
+            self._apply(on)
         except Exception as exc:
             self._record(model, on, exc, now)
             return exc
@@ -1911,8 +2747,8 @@ class Hardware:
     def _record(self, model, on, error=None, now=None):
         clock = self.clock() if now is None else None  # a time given is the timers' time too
         model.heater_switched(on, now or datetime.now(timezone.utc), error, clock=clock)
-        if error is None and isinstance(self.sensor, Simulator):
-            self.sensor.heater_on = on  # a simulated sensor warms with a real heater too
+        if error is None and isinstance(self.sensor, Simulator) and self.sensor is not self.heater:
+            self.sensor.set_power(float(on))  # a simulated sensor warms with a real heater too
 
     def switch_off_at_stop(self, model):
         """Switch the heater off here and now, whatever else is pending: the
@@ -1941,7 +2777,9 @@ AUX_INTERFACE = "32768"  # libindi's DRIVER_INTERFACE bit for auxiliary devices
 POLL_PERIOD_MS = (10, 600000)  # libindi's POLLING_PERIOD range
 SAFETY_LIMITS = "limitsvector"  # the maximum temperature and heater-on time
 # The properties kept in the configuration file, as libindi's drivers keep theirs.
-SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", SAFETY_LIMITS, "DEBUG")
+SAVED_PROPERTIES = ("targetvector", "POLLING_PERIOD", "logperiodvector", SAFETY_LIMITS, "DEBUG",
+                    "CONTROL_MODE", "REGULATION_SETTINGS", "PID_SETTINGS", "CONTROL_CYCLE",
+                    "TARGET_RAMP", "ACTIVE_DEVICES")  # fmt: skip
 CONFIG_MAX_BYTES = 64 * 1024  # a saved configuration is a few hundred bytes
 SAVE_SPACING = 0.1  # seconds between writes of the file in a burst of changes
 REQUEST_TAGS = ("newTextVector", "newNumberVector", "newSwitchVector")
@@ -2608,6 +3446,204 @@ class SafetySchedule:
                 and self.clock() >= self.last_read + self.safety_check)  # fmt: skip
 
 
+WEATHER_VECTOR = "WEATHER_PARAMETERS"  # libindi's weather devices' readings
+WEATHER_ASK_S = 60.0  # the weather device is asked again after this long without its data
+AIR_RANGE = (-100.0, 100.0)  # a plausible air temperature or dew point from a weather device
+
+
+class RegulationProperties:
+    """The regulation as a driver shows it, as libindi's drivers would: the
+    settings (CONTROL_MODE, REGULATION_SETTINGS, PID_SETTINGS, CONTROL_CYCLE,
+    TARGET_RAMP, ACTIVE_DEVICES; each setter checks a request's values and
+    returns what applies them), PID_AUTOTUNE, and at each reading
+    HEATER_POWER and REGULATION. The weather device named in ACTIVE_WEATHER
+    is snooped for its WEATHER_PARAMETERS, asked again after WEATHER_ASK_S
+    without them (the driver runs no snoop monitor, see without_snoop_monitor)."""
+
+    def __init__(self, driver):
+        self.driver, self.device = driver, driver.device
+        self.thermostat, self.regulator = driver.thermostat, driver.thermostat.regulator
+        self.setters = {"CONTROL_MODE": self.set_mode, "REGULATION_SETTINGS": self.set_settings,
+                        "PID_SETTINGS": self.set_gains, "CONTROL_CYCLE": self.set_cycle,
+                        "TARGET_RAMP": self.set_ramp,
+                        "ACTIVE_DEVICES": self.set_weather}  # fmt: skip
+        self.weather = ""  # the weather device snooped, if any
+        self.regulator.dew.problem = "no weather device is named in ACTIVE_DEVICES"
+        self._air = {}  # its last WEATHER_PARAMETERS values
+        self._asked_s = None  # when they were last asked for
+        self._tuning = "idle"  # the autotune's state as last shown
+
+    def _numbers(self, values, vectorname):
+        "The members a request gives, each checked within its declared range."
+        return {member: self.driver.checked_number(values, vectorname, member)
+                for member in self.device[vectorname] if member in values}  # fmt: skip
+
+    def _shown(self, vectorname, numbers):
+        vector = self.device[vectorname]
+        for member, value in numbers.items():
+            vector[member] = f"{value:g}"
+
+    def set_mode(self, values):
+        wanted = [name for name, value in values.items() if value == "On"]
+        if len(wanted) != 1 or wanted[0] not in CONTROL_MODES:
+            raise ValueError(f"CONTROL_MODE takes exactly one of {', '.join(CONTROL_MODES)} On")
+
+        def apply():
+            self.regulator.mode = wanted[0]
+            for name in CONTROL_MODES:
+                self.device["CONTROL_MODE"][name] = "On" if name == wanted[0] else "Off"
+
+        return apply
+
+    def set_settings(self, values):
+        numbers = self._numbers(values, "REGULATION_SETTINGS")
+
+        def apply():
+            regulator = self.regulator
+            regulator.band = numbers.get("BAND", regulator.band)
+            regulator.dew.offset_k = numbers.get("DEW_OFFSET", regulator.dew.offset_k)
+            alarm = regulator.effectiveness
+            alarm.alarm_after_s = numbers.get("NO_RISE_S", alarm.alarm_after_s)
+            self._shown("REGULATION_SETTINGS", numbers)
+
+        return apply
+
+    def set_gains(self, values):
+        numbers = self._numbers(values, "PID_SETTINGS")
+
+        def apply():
+            gains = dict(zip(("KP", "KI", "KD"), self.regulator.pid.gains, strict=True)) | numbers
+            self.regulator.set_gains(gains["KP"], gains["KI"], gains["KD"])
+            self._shown("PID_SETTINGS", numbers)
+
+        return apply
+
+    def set_cycle(self, values):
+        numbers = self._numbers(values, "CONTROL_CYCLE")
+
+        def apply():
+            cycle = dict(
+                zip(("CYCLE_S", "MIN_ON_S", "MIN_OFF_S"), self.regulator.cycle, strict=True)
+            )
+            self.regulator.set_cycle(*(cycle | numbers).values())
+            self._shown("CONTROL_CYCLE", numbers)
+
+        return apply
+
+    def set_ramp(self, values):
+        rate = self._numbers(values, "TARGET_RAMP")
+
+        def apply():
+            self.regulator.ramp.rate_k_per_min = rate.get(
+                "RATE", self.regulator.ramp.rate_k_per_min
+            )
+            self._shown("TARGET_RAMP", rate)
+
+        return apply
+
+    def set_weather(self, values):
+        name = values.get("ACTIVE_WEATHER", self.weather).strip()
+        if len(name) > 128 or not name.isprintable() or name in self.driver:
+            raise ValueError(f"ACTIVE_WEATHER must name another device; received {name[:40]!r}")
+
+        def apply():
+            self.driver.snoopvectors.pop((self.weather, WEATHER_VECTOR), None)
+            self.weather, self._air, self._asked_s = name, {}, None
+            unnamed = "no weather device is named in ACTIVE_DEVICES"
+            self.regulator.dew.problem = f"no {WEATHER_VECTOR} from {name} yet" if name else unnamed
+            if name:
+                self.driver.snoop(name, WEATHER_VECTOR, timeout=WEATHER_ASK_S)
+            self.device["ACTIVE_DEVICES"]["ACTIVE_WEATHER"] = name
+
+        return apply
+
+    async def autotune(self, event):
+        "A client's PID_AUTOTUNE: START On starts a tune around the target, Off stops one."
+        vector, regulator = event.vector, self.regulator
+        if event.get("START") != "On":
+            if regulator.autotune.running:
+                regulator.autotune.abort("stopped by a client")
+            self._tuning, vector["START"] = regulator.autotune.state, "Off"
+            await vector.send_setVector(state="Idle")
+            return
+        target = regulator.target if regulator.mode == "DEWPOINT" else self.thermostat.target
+        if target is None or not self.driver.in_control():
+            await self.driver.reject(vector, "autotune needs a connected thermostat and a target "
+                                             "(in DEWPOINT mode, a dew point)")  # fmt: skip
+            return
+        # the regulator's times are the safety timers' clock, as ThermalControl.step gives them
+        regulator.start_autotune(self.driver.equipment.clock(), target,
+                                 self.thermostat.max_temperature)  # fmt: skip
+        self._tuning, vector["START"] = "running", "On"
+        await vector.send_setVector(state="Busy", message=f"tuning around {target:.2f}")
+
+    async def publish(self, reading):
+        "After each reading: REGULATION, an autotune's end, and the weather asked for if due."
+        regulator, stats = self.regulator, self.regulator.stats
+        figures = dict(TARGET=regulator.target, DEW_POINT=regulator.dew.dew_point,
+                       RMS=stats.rms_error, MAX=stats.max_error, IN_BAND=stats.time_in_band * 100,
+                       DUTY=stats.duty * 100, SWITCHES=stats.switches_per_hour)  # fmt: skip
+        vector = self.device["REGULATION"]
+        for name, value in figures.items():
+            if value is not None and math.isfinite(value):
+                vector[name] = f"{value:.3f}"
+        await vector.send_setVector(state="Ok", timestamp=reading.timestamp)
+        await self.publish_power(reading.power)
+        tune = regulator.autotune
+        if tune.state != self._tuning:
+            self._tuning = tune.state
+            await self._autotune_ended(tune)
+        now_s = self.driver.equipment.clock()  # the clock dew.observe is given
+        last = max(self._asked_s or -math.inf, regulator.dew.observed_s or -math.inf)
+        if self.weather and now_s - last >= WEATHER_ASK_S:
+            self._asked_s = now_s
+            await self.driver.send_getProperties(self.weather, WEATHER_VECTOR)
+
+    async def publish_power(self, power):
+        vector = self.device["HEATER_POWER"]
+        if vector["POWER"] != (shown := f"{power * 100:.1f}"):
+            vector["POWER"] = shown
+            await vector.send_setVector(state="Ok")
+
+    async def _autotune_ended(self, tune):
+        vector = self.device["PID_AUTOTUNE"]
+        vector["START"] = "Off"
+        if tune.state == "done":
+            self._shown("PID_SETTINGS", dict(zip(("KP", "KI", "KD"), tune.gains, strict=True)))
+            await self.device["PID_SETTINGS"].send_setVector(state="Ok")
+            self.driver.settings.save_soon()
+            kp, ki, kd = tune.gains
+            await vector.send_setVector(state="Ok", message=(
+                f"autotune done: Ku {tune.ultimate_gain:.4g}, Pu {tune.period_s:.4g} s; "
+                f"KP {kp:.4g}, KI {ki:.4g}, KD {kd:.4g} in PID_SETTINGS"))  # fmt: skip
+        else:
+            logger.warning("%s: autotune failed: %s", self.device.devicename, tune.reason)
+            await vector.send_setVector(state="Alert", message=f"[WARNING] {tune.reason}")
+
+    async def snooped(self, event):
+        "The weather device's WEATHER_PARAMETERS: the dew point, given or from the air's."
+        if (event.devicename, event.vectorname) != (self.weather, WEATHER_VECTOR):
+            return
+        self._air |= {name: event[name] for name in event}
+        air, dew = self._air, self.regulator.dew
+        try:
+            if "WEATHER_DEWPOINT" not in air and "WEATHER_HUMIDITY" not in air:
+                raise ValueError(f"{self.weather} gives neither WEATHER_DEWPOINT nor "
+                                 "WEATHER_HUMIDITY")  # fmt: skip
+            if "WEATHER_DEWPOINT" in air:
+                point = parse_number(air["WEATHER_DEWPOINT"], "WEATHER_DEWPOINT", *AIR_RANGE)
+            else:
+                point = dew_point(
+                    parse_number(air.get("WEATHER_TEMPERATURE"), "WEATHER_TEMPERATURE", *AIR_RANGE),
+                    parse_number(air.get("WEATHER_HUMIDITY"), "WEATHER_HUMIDITY", 0, 110),
+                )
+        except ValueError as exc:
+            dew.problem = clipped(str(exc), 120)
+            return
+        dew.observe(self.driver.equipment.clock(), point)  # the regulator's clock: its steps
+        dew.problem = None
+
+
 class ThermoDriver(IPyDriver):
     """Serves one thermostat as one INDI device.
 
@@ -2638,6 +3674,8 @@ class ThermoDriver(IPyDriver):
         self.setters = {"targetvector": self.set_target, "POLLING_PERIOD": self.set_poll_interval,
                         "logperiodvector": self.set_log_period, SAFETY_LIMITS: self.set_limits,
                         "DEBUG": self.debug.setter}  # fmt: skip
+        self.regulation = RegulationProperties(self)
+        self.setters |= self.regulation.setters
         self.settings = SavedSettings(config, device, self.setters, given)
         self.off_failed_at_stop = False  # then the heater may still be on: the exit status says so
         self._published_safety = Safety()
@@ -2699,6 +3737,8 @@ class ThermoDriver(IPyDriver):
                 await self.set_connection(event)
             elif name == "CONFIG_PROCESS":
                 await self.settings.process(event, self.reject)
+            elif name == "PID_AUTOTUNE":
+                await self.regulation.autotune(event)
             else:
                 await self.reject(vector, f"{event.root.tag} is not handled for {name}")
         except Exception:
@@ -2805,6 +3845,9 @@ class ThermoDriver(IPyDriver):
         await temperature.send_setVector(state="Ok" if self.connected else "Idle")
         if self.weather and not self.connected:
             await self.device["WEATHER_PARAMETERS"].send_setVector(state="Idle")
+
+    async def snoopevent(self, event):
+        await self.regulation.snooped(event)
 
     async def send(self, xmldata):
         "Everything this driver sends passes here (indipydriver's hook)."
@@ -2919,7 +3962,8 @@ class ThermoDriver(IPyDriver):
         )
         status, off = self.device["SAFETY_STATUS"], thermostat.known_off
         state = "Idle" if off else "Alert"  # Alert while the heater may be on
-        status["SENSOR"] = status["LIMITS"] = "Idle"
+        for name in status:
+            status[name] = "Idle"
         status["SAFETY"] = status["HEATER"] = state
         await status.send_setVector(state=state)
 
@@ -2967,6 +4011,7 @@ class ThermoDriver(IPyDriver):
         await self.publish_safety(safety, before)
         if self.weather:
             await self.weather.publish(self.device["WEATHER_PARAMETERS"])
+        await self.regulation.publish(reading)
 
     async def publish_heater(self, heater_on, fault=None, message=""):
         heater = self.device["heatervector"]
@@ -2974,6 +4019,7 @@ class ThermoDriver(IPyDriver):
         if heater["heater"] != light or message:
             heater["heater"] = light
             await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
+        await self.regulation.publish_power(self.thermostat.heater_power)
 
     async def publish_safety(self, safety, before):
         """SAFETY_STATUS: a light each for the sensor, heater and limits;
@@ -2982,13 +4028,7 @@ class ThermoDriver(IPyDriver):
         status = self.device["SAFETY_STATUS"]
         if safety == before and status.state != "Idle":
             return  # as at the last poll: its lights are already out
-        lights = safety.lights()
-        message = ""
-        if safety.limit != before.limit:
-            prefix = "[ERROR] " if safety.alarm else "[WARNING] "
-            message = (
-                prefix + safety.limit if safety.limit else "the heater is within its limits again"
-            )
+        lights, message = safety.lights(), safety.news(before)
         if (
             message
             or status.state == "Idle"
@@ -3072,7 +4112,61 @@ def thermostat_properties(thermostat, log_period):
             LightMember("SAFETY", "Safety", membervalue="Idle"),  # libindi's: the overall state
             LightMember("SENSOR", "Sensor", membervalue="Idle"),
             LightMember("HEATER", "Heater", membervalue="Idle"),
-            LightMember("LIMITS", "Limits", membervalue="Idle")]),
+            LightMember("LIMITS", "Limits", membervalue="Idle"),
+            LightMember("EFFECTIVE", "Heater heats", membervalue="Idle"),
+            LightMember("WEATHER", "Weather data", membervalue="Idle")]),
+    ]  # fmt: skip
+
+
+def regulation_properties(regulator):
+    "The regulation's properties (see RegulationProperties), with the regulator's values."
+    (kp, ki, kd), (cycle_s, min_on_s, min_off_s) = regulator.pid.gains, regulator.cycle
+    labels = dict(HYSTERESIS="Hysteresis", PID="PID", DEWPOINT="Dew point + offset")
+    figure = dict(format="%.3f", min=0, max=1e6, step=0, membervalue="0")
+    return [
+        SwitchVector("CONTROL_MODE", "Control mode", "Regulation", "rw", "OneOfMany", "Ok", [
+            SwitchMember(name, labels[name], membervalue="On" if name == regulator.mode else "Off")
+            for name in CONTROL_MODES]),
+        NumberVector("REGULATION_SETTINGS", "Settings", "Regulation", "rw", "Ok", [
+            NumberMember("BAND", "Band +/- (K)", format="%.2f", min=0.01, max=10, step=0.1,
+                         membervalue=f"{regulator.band:g}"),
+            NumberMember("DEW_OFFSET", "Above dew point (K)", format="%.1f", min=0, max=30,
+                         step=0.5, membervalue=f"{regulator.dew.offset_k:g}"),
+            NumberMember("NO_RISE_S", "Full power, no rise: alarm (s)", format="%.0f", min=1,
+                         max=86400, step=60,
+                         membervalue=f"{regulator.effectiveness.alarm_after_s:g}")]),
+        NumberVector("PID_SETTINGS", "PID gains", "Regulation", "rw", "Ok", [
+            NumberMember("KP", "Kp (1/K)", format="%.4g", min=0, max=1000, step=0.1,
+                         membervalue=f"{kp:g}"),
+            NumberMember("KI", "Ki (1/(K s))", format="%.4g", min=0, max=100, step=0.001,
+                         membervalue=f"{ki:g}"),
+            NumberMember("KD", "Kd (s/K)", format="%.4g", min=0, max=1e6, step=1,
+                         membervalue=f"{kd:g}")]),
+        SwitchVector("PID_AUTOTUNE", "Autotune", "Regulation", "rw", "AtMostOne", "Idle", [
+            SwitchMember("START", "Start", membervalue="Off")]),
+        NumberVector("CONTROL_CYCLE", "Relay", "Regulation", "rw", "Ok", [
+            NumberMember("CYCLE_S", "PID cycle (s)", format="%.1f", min=1, max=86400, step=10,
+                         membervalue=f"{cycle_s:g}"),
+            NumberMember("MIN_ON_S", "Minimum on (s)", format="%.1f", min=0.1, max=3600, step=1,
+                         membervalue=f"{min_on_s:g}"),
+            NumberMember("MIN_OFF_S", "Minimum off (s)", format="%.1f", min=0.1, max=3600,
+                         step=1, membervalue=f"{min_off_s:g}")]),
+        NumberVector("TARGET_RAMP", "Target ramp", "Regulation", "rw", "Ok", [
+            NumberMember("RATE", "K per minute (0: at once)", format="%.2f", min=0, max=100,
+                         step=0.1, membervalue=f"{regulator.ramp.rate_k_per_min:g}")]),
+        TextVector("ACTIVE_DEVICES", "Snoop devices", "Options", "rw", "Ok", [
+            TextMember("ACTIVE_WEATHER", "Weather", membervalue="")]),
+        NumberVector("HEATER_POWER", "Heater power", "Values", "ro", "Ok", [
+            NumberMember("POWER", "Power (%)", format="%.1f", min=0, max=100, step=0,
+                         membervalue="0.0")]),
+        NumberVector("REGULATION", "Regulation", "Regulation", "ro", "Idle", [
+            NumberMember("TARGET", "Effective target", **figure),
+            NumberMember("DEW_POINT", "Dew point", **figure),
+            NumberMember("RMS", "RMS error (K)", **figure),
+            NumberMember("MAX", "Largest error (K)", **figure),
+            NumberMember("IN_BAND", "Time in band (%)", **figure),
+            NumberMember("DUTY", "Duty (%)", **figure),
+            NumberMember("SWITCHES", "Switches per hour", **figure)]),
     ]  # fmt: skip
 
 
@@ -3111,23 +4205,26 @@ def make_driver(devicename="Thermostat", *, target=None, poll_interval=None, log
         raise ValueError(
             "max_heater_on, stuck_after and hardware_timeout must be positive numbers of seconds"
         )
-    simulator = Simulator() if sensor is None or heater is None else None
+    simulator = sensor if isinstance(sensor, Simulator) and heater is None else None
+    simulator = Simulator() if simulator is None and None in (sensor, heater) else simulator
     sensor = simulator if sensor is None else sensor
     heater = simulator if heater is None else heater
     thermostat = ThermalControl(
         devicename,
-        temperature=sensor.temperature if sensor is simulator else math.nan,
+        temperature=sensor.sensed if isinstance(sensor, Simulator) else math.nan,
         target=target,
         max_temperature=max_temperature,
         max_heater_on=max_heater_on,
         stuck_after=stuck_after,
         valid_range=getattr(sensor, "valid_range", None),
+        proportional=is_proportional(heater),
     )
     templog = TemperatureLog(devicename, log_period=log_period, log_dir=log_dir)
     weather = LocalWeather.of(sensor)
     properties = [*control_properties(poll_interval),
                   *thermostat_properties(thermostat, log_period),
                   *weather_properties(weather),
+                  *regulation_properties(thermostat.regulator),
                   *option_properties(debug)]  # fmt: skip
     driver = ThermoDriver(Device(devicename, properties), thermostat, templog,
                           Hardware(sensor, heater, hardware_timeout, guard), poll_interval,
@@ -4971,7 +6068,9 @@ def parse_args(argv=None, prog="thermostat.py"):
         "--sensor",
         metavar="SPEC",
         default="simulator",
-        help="where the temperature comes from: simulator (the default); w1:DIR, a 1-wire "
+        help="where the temperature comes from: simulator (the default), or simulator:TAU, "
+        "its box with a time constant of TAU seconds (1000: TAU=10 is 100 times as fast); "
+        "w1:DIR, a 1-wire "
         "sensor's directory, e.g. w1:/sys/bus/w1/devices/28-0316a2796bff (DIR/temperature "
         "in millidegrees C); iio:DEVICE, a Linux IIO sensor (BME280, HTU21D, DHT22...) by "
         "its name (iio:bme280), its directory under /sys/bus/iio/devices (iio:iio:device0) "
@@ -4983,8 +6082,9 @@ def parse_args(argv=None, prog="thermostat.py"):
         metavar="SPEC",
         default="simulator",
         help="what switches the heater: simulator (the default); command:CMD, run as "
-        "'CMD on' and 'CMD off'; gpio:CHIP:LINE[:active-low], a GPIO line driving "
-        "a relay (needs pip install 'thermostat[gpio]'); or pwm:CHIP:CHANNEL, an exported "
+        "'CMD on' and 'CMD off'; command-power:CMD, given a power as 'CMD 37.5' (percent); "
+        "gpio:CHIP:LINE[:active-low], a GPIO line driving a relay (needs pip install "
+        "'thermostat[gpio]'); or pwm:CHIP:CHANNEL, an exported "
         "/sys/class/pwm/pwmchipCHIP/pwmCHANNEL (on: full duty cycle, off: 0)",
     )
     parser.add_argument(
@@ -5106,6 +6206,11 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
     kind, _, rest = spec.partition(":")
     if spec == "simulator":
         return None
+    if kind == "simulator":
+        try:
+            return Simulator(time_constant_s=parse_number(rest, "simulator:TAU", 0.01, 1e6))
+        except ValueError as exc:
+            raise ValueError(f"argument --sensor: {exc}") from None
     _check_command("--sensor", kind, rest)
     if kind == "w1" and rest:
         if not Path(rest).is_dir():
@@ -5122,7 +6227,7 @@ def make_sensor(spec, timeout=HARDWARE_TIMEOUT):
     if kind == "command" and shlex.split(rest):
         return CommandSensor(rest, timeout)
     raise ValueError(
-        f"argument --sensor: {spec!r} is not simulator, w1:DIR, iio:DEVICE or command:CMD"
+        f"argument --sensor: {spec!r} is not simulator[:TAU], w1:DIR, iio:DEVICE or command:CMD"
     )
 
 
@@ -5134,6 +6239,8 @@ def make_heater(spec, timeout=HARDWARE_TIMEOUT):
     _check_command("--heater", kind, rest)
     if kind == "command" and shlex.split(rest):
         return CommandHeater(rest, timeout)
+    if kind == "command-power" and shlex.split(rest):
+        return CommandPowerHeater(rest, timeout)
     if (
         kind == "gpio"
         and (parts := rest.split(":"))
@@ -5151,13 +6258,13 @@ def make_heater(spec, timeout=HARDWARE_TIMEOUT):
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"argument --heater: {exc}") from None
     raise ValueError(
-        f"argument --heater: {spec!r} is not simulator, command:CMD, "
+        f"argument --heater: {spec!r} is not simulator, command:CMD, command-power:CMD, "
         f"gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"
     )
 
 
 def _check_command(option, kind, command):
-    if kind == "command":
+    if kind in ("command", "command-power"):
         try:
             shlex.split(command)
         except ValueError as exc:
@@ -5174,7 +6281,10 @@ def switch_heater_off(heater, tries=2, prog="thermostat.py"):
         return 0  # the simulator: nothing to switch
     for _ in range(tries):
         try:
-            heater.switch(False)
+            if is_proportional(heater):
+                heater.set_power(0.0)  # command-power: power 0 is off
+            else:
+                heater.switch(False)
             return 0
         except Exception as exc:  # noqa: BLE001 - a heater's switch may raise anything
             error = exc

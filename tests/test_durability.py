@@ -105,7 +105,9 @@ def test_kill_9_loses_at_most_the_reading_being_written_and_a_restart_completes_
     assert not list(tmp_path.glob("*.part"))
     rows = rows_on_disk(tmp_path)
     logged = [r for r in received if r >= rows[0]]      # readings before logging began are not logged
-    assert len(logged) >= 9 and rows[:len(logged)] == logged
+    # the rows are written off the event loop: the last reading sent may be the one being written
+    kept = rows[:len(logged)]
+    assert len(logged) >= 9 and len(kept) >= len(logged) - 1 and kept == logged[:len(kept)]
 
 
 # -- 3. write failures ----------------------------------------------------------------------------

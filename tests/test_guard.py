@@ -112,6 +112,25 @@ def test_a_driver_killed_with_sigkill_has_its_heater_switched_off_by_the_guard_w
     assert max(times) < 2 and statistics.median(times) < 1
 
 
+def test_a_killed_drivers_command_power_heater_is_given_0_by_the_guard(recorder):
+    "A command-power heater's off is `CMD 0`: the guard knows it too."
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "thermostat.py"), "--port", str(port), *FAST,
+         "--sensor", f"w1:{recorder.w1}", "--heater", f"command-power:{recorder.path}",
+         "--target", "25", "--no-config"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_port(port, process=process)
+    wait_until(lambda: recorder.last_is("100"), what="full power, far below the target")
+    (guard,) = guards_of(process.pid)
+    count = len(recorder.words())
+    process.kill()
+    process.wait()
+    wait_until(lambda: recorder.last_is("0", count), timeout=5, what="the guard's 0")
+    wait_until(lambda: gone(guard), timeout=5, what="the guard's exit")
+    assert recorder.words()[count:] == ["0"]
+
+
 def test_a_clean_stop_switches_the_heater_off_once_and_the_guard_exits_switching_nothing(
         recorder):
     process, _ = start(recorder)

@@ -99,7 +99,8 @@ def watch(server):
 
 def expect_safety(client, state, **lights):
     "Wait for SAFETY_STATUS in state with these lights (the others Ok)."
-    wanted = {"SAFETY": state, "SENSOR": "Ok", "HEATER": "Ok", "LIMITS": "Ok", **lights}
+    wanted = {"SAFETY": state, "SENSOR": "Ok", "HEATER": "Ok", "LIMITS": "Ok", "EFFECTIVE": "Ok",
+              "WEATHER": "Ok", **lights}
     return client.expect(lambda e: setvector("SAFETY_STATUS", state)(e) and members(e) == wanted,
                          what=f"SAFETY_STATUS {state} {wanted}")
 
@@ -119,6 +120,8 @@ def test_regulates_on_real_readings(rig, served):
     server, client = heating(rig, served)
     rig.write("26000")                                  # above target + 0.5
     client.expect(lambda e: setvector("temperaturevector", "Ok")(e) and members(e)["temperature"] == "26.00")
+    # off at the first poll past the relay's minimum on time (CONTROL_CYCLE), which may be the next one
+    client.expect(lambda e: setvector("heatervector")(e) and members(e)["heater"] == "Idle")
     client.send('<getProperties version="1.7" device="Thermostat" name="heatervector"/>')
     shown = client.expect(lambda e: e.tag == "defLightVector" and e.get("name") == "heatervector")
     assert members(shown)["heater"] == "Idle"
@@ -341,7 +344,8 @@ def test_a_disconnect_whose_off_fails_shows_the_heater_alert_and_tries_again(rig
                 '<oneSwitch name="CONNECT">Off</oneSwitch><oneSwitch name="DISCONNECT">On</oneSwitch>'
                 '</newSwitchVector>')
     alert = client.expect(setvector("SAFETY_STATUS", "Alert"), what="SAFETY_STATUS in Alert")
-    assert members(alert) == {"SAFETY": "Alert", "SENSOR": "Idle", "HEATER": "Alert", "LIMITS": "Idle"}
+    assert members(alert) == {"SAFETY": "Alert", "SENSOR": "Idle", "HEATER": "Alert", "LIMITS": "Idle",
+                              "EFFECTIVE": "Idle", "WEATHER": "Idle"}
     rig.wait_told("off FAILED", after=3)                # tried again while disconnected
     rig.flag("heater-fails-off", present=False)
     client.expect(setvector("SAFETY_STATUS", "Idle"), what="SAFETY_STATUS Idle once the heater is off")
@@ -437,9 +441,13 @@ def test_the_same_value_with_the_heater_off_is_not_stuck():
 
 
 def test_the_simulated_sensor_warms_with_a_real_heater():
-    heater = Bench(None)
-    control = OnBench(thermostat.Simulator(), heater)      # the sensor simulated
-    readings = [control.step(at(seconds)).temperature for seconds in range(4)]
+    heater, box_s = Bench(None), [0.0]
+    box = thermostat.Simulator(time_constant_s=10, clock=lambda: box_s[0])    # a fast box on the test's time
+    control = OnBench(box, heater)                          # the sensor simulated
+    readings = []
+    for seconds in range(4):
+        box_s[0] = seconds
+        readings.append(control.step(at(seconds)).temperature)
     assert heater.told == [True]
     assert readings == sorted(readings) and readings[-1] > readings[0]
 
@@ -484,7 +492,8 @@ def test_a_failed_switch_on_is_followed_at_once_by_a_switch_off():
     reading = control.step(at(0))
     assert bench.told == [True, False] and not reading.heater_on
     assert reading.safety.heater == "switching it on failed: relay jammed"
-    assert reading.safety.lights() == {"SAFETY": "Alert", "SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok"}
+    assert reading.safety.lights() == {"SAFETY": "Alert", "SENSOR": "Ok", "HEATER": "Alert", "LIMITS": "Ok",
+                                       "EFFECTIVE": "Ok", "WEATHER": "Ok"}
 
 
 # -- the heater is switched off at every kind of stop ----------------------
@@ -744,9 +753,10 @@ def run(*options):
 
 @pytest.mark.parametrize("options, words", [
     (["--sensor", "w1:/nowhere/28-0"], "argument --sensor: /nowhere/28-0 is not a directory"),
-    (["--sensor", "thermocouple"], "'thermocouple' is not simulator, w1:DIR, iio:DEVICE or command:CMD"),
+    (["--sensor", "thermocouple"], "'thermocouple' is not simulator[:TAU], w1:DIR, iio:DEVICE or command:CMD"),
     (["--sensor", "command:"], "'command:' is not simulator"),
-    (["--heater", "gpio:gpiochip0"], "is not simulator, command:CMD, gpio:CHIP:LINE[:active-low] or pwm:CHIP:CHANNEL"),
+    (["--heater", "gpio:gpiochip0"], "is not simulator, command:CMD, command-power:CMD, gpio:CHIP:LINE[:active-low] "
+                                     "or pwm:CHIP:CHANNEL"),
     (["--heater", "relay"], "'relay' is not simulator"),
     (["--heater", "command:relay 'on"], "cannot split \"relay 'on\" into words: No closing quotation"),
     (["--max-temperature", "100"], "outside -50..99"),

@@ -259,7 +259,7 @@ def test_the_dew_point_is_magnus(t, rh, expected):
     assert dew_point(t, rh) == pytest.approx(expected, abs=0.05)
 
 
-@pytest.mark.parametrize("t, rh", [(20, 0), (20, -5), (20, 100.5), (20, math.nan),
+@pytest.mark.parametrize("t, rh", [(20, 0), (20, -5), (20, math.nan),
                                    (-243.12, 50), (math.inf, 50), (math.nan, 50)])
 def test_there_is_no_dew_point_for_impossible_air(t, rh):
     with pytest.raises(ValueError, match="no dew point"):
@@ -383,7 +383,7 @@ def test_the_command_line_serves_an_iio_sensor_without_humidity(root, served):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("iio:", "'iio:' is not simulator, w1:DIR, iio:DEVICE or command:CMD"),
+    ("iio:", "'iio:' is not simulator[:TAU], w1:DIR, iio:DEVICE or command:CMD"),
     ("iio:/nowhere/iio:device0", "argument --sensor: /nowhere/iio:device0 is not a directory"),
 ])
 def test_a_bad_iio_sensor_is_one_clear_line(spec, words):

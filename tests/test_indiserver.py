@@ -83,6 +83,9 @@ def process_gone(pid, timeout):
 def test_indi_getprop_and_setprop_through_indiserver(indiserver):
     server = indiserver("indi_thermostat")
     props = getprop(server.port)
+    deadline = time.monotonic() + 10     # the driver, a Python process, may still be starting
+    while "Thermostat.CONNECTION.CONNECT" not in props and time.monotonic() < deadline:
+        props = getprop(server.port)
     for name in ("CONNECTION.CONNECT", "DRIVER_INFO.DRIVER_EXEC", "DRIVER_INFO.DRIVER_INTERFACE",
                  "POLLING_PERIOD.PERIOD_MS", "logperiodvector.logperiod", "temperaturevector.temperature",
                  "targetvector.target", "heatervector.heater", "switchvector.switchmember"):
@@ -116,8 +119,12 @@ def test_complete_csv_files_through_indiserver_and_the_driver_ends_with_it(indis
     assert process_gone(driver, timeout=3), "the driver outlived indiserver"
 
 
-def test_indi_eval_waits_for_the_target_to_be_reached(indiserver):
-    server = indiserver("indi_thermostat")
+def test_indi_eval_waits_for_the_target_to_be_reached(indiserver, tmp_path):
+    # a fast box (about 0.1 K a 50 ms poll): the default one would take a minute to warm 1 K
+    fast = tmp_path / "indi_thermostat_fast"
+    fast.write_text(f'#!/bin/sh\nexec {shutil.which("indi_thermostat")} --sensor simulator:10 "$@"\n')
+    fast.chmod(0o755)
+    server = indiserver(str(fast))
     setprop(server.port, SPEED_UP[0])
     setprop(server.port, "Thermostat.targetvector.target=40")
     wait_for_prop(server.port, "Thermostat.targetvector._STATE", "Busy")

@@ -65,7 +65,7 @@ def config_action(client, action):
 
 def saved(path):
     "{(vector, member): value} as saved for Thermostat in a configuration file."
-    return {(vector.get("name"), one.get("name")): one.text.strip()
+    return {(vector.get("name"), one.get("name")): (one.text or "").strip()
             for vector in ET.parse(path).getroot() if vector.get("device") == "Thermostat" for one in vector}
 
 
@@ -167,7 +167,12 @@ def test_every_accepted_change_is_saved_at_once_in_libindis_format(started, indi
     assert [(e.tag, e.get("device"), e.get("name")) for e in root] == [
         ("newNumberVector", "Thermostat", "targetvector"), ("newNumberVector", "Thermostat", "POLLING_PERIOD"),
         ("newNumberVector", "Thermostat", "logperiodvector"), ("newNumberVector", "Thermostat", "limitsvector"),
-        ("newSwitchVector", "Thermostat", "DEBUG")]
+        ("newSwitchVector", "Thermostat", "DEBUG"),
+        # and the regulation's settings (issue 20), the weather station snooped for the dew point
+        ("newSwitchVector", "Thermostat", "CONTROL_MODE"),
+        ("newNumberVector", "Thermostat", "REGULATION_SETTINGS"),
+        ("newNumberVector", "Thermostat", "PID_SETTINGS"), ("newNumberVector", "Thermostat", "CONTROL_CYCLE"),
+        ("newNumberVector", "Thermostat", "TARGET_RAMP"), ("newTextVector", "Thermostat", "ACTIVE_DEVICES")]
     assert saved(indi_config)[("targetvector", "target")] == "21.50"
     assert not list(indi_config.parent.glob("*.part")) and not (indi_config.parent / ".indi").exists()
     client.close()

@@ -109,7 +109,7 @@ def test_indi_setprop_rejection_sets_alert_and_keeps_the_target(served, sent):
 
 
 def test_target_state_is_busy_outside_the_band_and_ok_inside(served):
-    server = served()
+    server = served("--sensor", "simulator:10")     # a fast box: about 0.1 K a poll near 19 degrees
     client = server.client()
     client.send(GET_ALL)
     client.send(new_number("Thermostat", "targetvector", "target", "60"))

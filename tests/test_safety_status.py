@@ -8,7 +8,8 @@ status"). Its worst case is the largest of Idle 0 < Ok 1 < Busy 2 < Alert 3.
 It never re-reads the property, and a delProperty of SAFETY_STATUS alone
 leaves its last state standing. libindi's weather interface and UPS driver
 carry the same state in one light, SAFETY: ours has it first, then a light
-each for the sensor, the heater and the limits."""
+each for the sensor, the heater, the limits, whether the heater heats and the
+weather data."""
 
 import subprocess
 
@@ -19,7 +20,7 @@ from conftest import free_port, new_number, new_switch, wait_for_port
 from test_peers import setprop, wait_for_prop
 
 ORDER = {"Idle": 0, "Ok": 1, "Busy": 2, "Alert": 3}  # libindi's IPState values
-LIGHTS = ["SAFETY", "SENSOR", "HEATER", "LIMITS"]
+LIGHTS = ["SAFETY", "SENSOR", "HEATER", "LIMITS", "EFFECTIVE", "WEATHER"]
 
 
 def lights(element):
@@ -64,14 +65,17 @@ def test_the_safety_light_comes_first_and_its_labels_are_libindis():
     vector = next(v for v in thermostat.thermostat_properties(thermostat.ThermalControl(), 300.0)
                   if v.name == "SAFETY_STATUS")
     assert [(m.name, m.label) for m in vector.data.values()] == [
-        ("SAFETY", "Safety"), ("SENSOR", "Sensor"), ("HEATER", "Heater"), ("LIMITS", "Limits")]
+        ("SAFETY", "Safety"), ("SENSOR", "Sensor"), ("HEATER", "Heater"), ("LIMITS", "Limits"),
+        ("EFFECTIVE", "Heater heats"), ("WEATHER", "Weather data")]
 
 
 def test_the_safety_light_is_the_worst_of_the_others():
-    assert thermostat.Safety().lights() == dict(SAFETY="Ok", SENSOR="Ok", HEATER="Ok", LIMITS="Ok")
+    assert thermostat.Safety().lights() == dict(SAFETY="Ok", SENSOR="Ok", HEATER="Ok", LIMITS="Ok",
+                                                EFFECTIVE="Ok", WEATHER="Ok")
     busy = thermostat.Safety(limit="above the maximum")
     assert list(busy.lights().items()) == [("SAFETY", "Busy"), ("SENSOR", "Ok"),
-                                           ("HEATER", "Ok"), ("LIMITS", "Busy")]
+                                           ("HEATER", "Ok"), ("LIMITS", "Busy"),
+                                           ("EFFECTIVE", "Ok"), ("WEATHER", "Ok")]
     assert thermostat.Safety(sensor="gone", limit="above").lights()["SAFETY"] == "Alert"
     assert thermostat.Safety(heater="jammed").lights()["SAFETY"] == "Alert"
     assert thermostat.Safety(limit="on too long", alarm=True).lights()["SAFETY"] == "Alert"
@@ -88,14 +92,20 @@ def test_good_readings_are_ok_for_the_safety_monitor(served):
 def test_a_failing_sensor_is_alert_for_the_safety_monitor(served):
     client = watched(served, "--sensor", "command:false")
     alert = safety_state(client, "Alert")
-    assert lights(alert) == dict(SAFETY="Alert", SENSOR="Alert", HEATER="Ok", LIMITS="Ok")
+    assert lights(alert) == dict(SAFETY="Alert", SENSOR="Alert", HEATER="Ok", LIMITS="Ok",
+                                 EFFECTIVE="Ok", WEATHER="Ok")
     check_shape(client)
 
 
 def test_above_the_maximum_temperature_is_a_warning_busy(served):
-    client = watched(served, "--max-temperature", "10")        # the simulator reads about 20
+    # the simulator reads about 20; a client lowers the limit below it, then gives it back (the
+    # command line's maximum is a ceiling clients may not raise, so it is not the one lowered)
+    client = watched(served)
+    safety_state(client, "Ok")
+    client.send(new_number("Thermostat", thermostat.SAFETY_LIMITS, "maxtemperature", "10"))
     busy = safety_state(client, "Busy")
-    assert lights(busy) == dict(SAFETY="Busy", SENSOR="Ok", HEATER="Ok", LIMITS="Busy")
+    assert lights(busy) == dict(SAFETY="Busy", SENSOR="Ok", HEATER="Ok", LIMITS="Busy",
+                                EFFECTIVE="Ok", WEATHER="Ok")
     client.send(new_number("Thermostat", thermostat.SAFETY_LIMITS, "maxtemperature", "50"))
     safety_state(client, "Ok")
     check_shape(client)
@@ -129,7 +139,8 @@ def test_disconnected_with_the_heater_maybe_on_is_alert(served):
     alert = client.expect(lambda e: e.tag == "setLightVector" and e.get("name") == "SAFETY_STATUS"
                           and lights(e)["SENSOR"] == "Idle", what="SAFETY_STATUS disconnected")
     assert alert.get("state") == "Alert"
-    assert lights(alert) == dict(SAFETY="Alert", SENSOR="Idle", HEATER="Alert", LIMITS="Idle")
+    assert lights(alert) == dict(SAFETY="Alert", SENSOR="Idle", HEATER="Alert", LIMITS="Idle",
+                                 EFFECTIVE="Idle", WEATHER="Idle")
     check_shape(client)
 
 
