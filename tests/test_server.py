@@ -304,7 +304,7 @@ def test_a_client_flooding_requests_does_not_starve_another_one(served, tmp_path
     reader.join(2)
     print(f"watcher: {updates} of {polls} updates, longest gap {gap:.3f} s; flooder read {received[0]} bytes")
     assert received[0] > 1 << 20, "the flood was not answered"
-    assert updates >= 0.5 * polls and gap < 0.6
+    assert updates >= 0.95 * polls and gap < 1.0
     assert "log backlog full" not in server.stderr_text()
 
 
