@@ -3678,7 +3678,7 @@ class ThermoDriver(IPyDriver):
         self.setters |= self.regulation.setters
         self.settings = SavedSettings(config, device, self.setters, given)
         self.off_failed_at_stop = False  # then the heater may still be on: the exit status says so
-        self._published_safety = Safety()
+        self.publisher = ReadingPublisher(self)
         self.connected = True  # the CONNECTION property; disconnected, nothing polls
         self.readings = asyncio.Queue(maxsize=5)
         self.dropped_readings = 0
@@ -3957,7 +3957,7 @@ class ThermoDriver(IPyDriver):
         if not force and after == before:
             return  # failed again, as already shown
         fault = thermostat.heater_fault
-        await self.publish_heater(
+        await self.publisher.publish_heater(
             thermostat.heater_on, fault, f"[ERROR] heater: {fault}" if fault else ""
         )
         status, off = self.device["SAFETY_STATUS"], thermostat.known_off
@@ -3973,15 +3973,36 @@ class ThermoDriver(IPyDriver):
         while not self.stop:
             reading = await self.readings.get()
             try:
-                await self.publish_reading(reading)
+                await self.publisher.publish_reading(reading)
                 await self.send_log_files()
             except Exception:
                 logger.exception("%s: failed to send an update", self.device.devicename)
 
+    async def send_log_files(self):
+        if not self.templog.backlog:
+            return  # at most polls: no file has been finished
+        async with self._sending_files:  # one sender at a time keeps files in order
+            # a stopping driver sends nothing: its files stay in the backlog
+            while not self.stop and (logfile := self.templog.next_unsent()):
+                await send_blob(self.device["logsvector"], "templogs", logfile.content())
+                self.templog.sent(logfile)
+                logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
+
+
+class ReadingPublisher:
+    """What a driver's clients see of each reading: the temperature (Alert
+    while readings are refused), the heater light, the target's state, the
+    SAFETY_STATUS lights, the weather numbers and the regulation's figures,
+    each message said once, as its cause starts or ends."""
+
+    def __init__(self, driver):
+        self.driver = driver
+        self._safety_shown = Safety()  # as the last reading published had it
+
     async def publish_reading(self, reading):
-        safety, before = reading.safety, self._published_safety
-        self._published_safety = safety
-        temperature = self.device["temperaturevector"]
+        safety, before = reading.safety, self._safety_shown
+        self._safety_shown = safety
+        temperature = self.driver.device["temperaturevector"]
         if safety.sensor:
             message = ""
             if safety.sensor != before.sensor:
@@ -3997,35 +4018,35 @@ class ThermoDriver(IPyDriver):
             if before.sensor:
                 # a message of its own: on the vector it would cut the timestamp to whole
                 # seconds (as_libindi_message), and the log's row for this reading has it exact
-                await self.device.send_device_message(
+                await self.driver.device.send_device_message(
                     message=f"the sensor reads again: {reading.temperature:.2f}")  # fmt: skip
         heater_message = ""
         if safety.heater != before.heater:
             heater_message = (f"[ERROR] heater: {safety.heater}" if safety.heater
                               else "the heater switches again")  # fmt: skip
         await self.publish_heater(reading.heater_on, safety.heater, heater_message)
-        target = self.device["targetvector"]
+        target = self.driver.device["targetvector"]
         state = "Ok" if reading.in_band else "Busy"
         if target.state != state:
             await target.send_setVector(state=state)
         await self.publish_safety(safety, before)
-        if self.weather:
-            await self.weather.publish(self.device["WEATHER_PARAMETERS"])
-        await self.regulation.publish(reading)
+        if self.driver.weather:
+            await self.driver.weather.publish(self.driver.device["WEATHER_PARAMETERS"])
+        await self.driver.regulation.publish(reading)
 
     async def publish_heater(self, heater_on, fault=None, message=""):
-        heater = self.device["heatervector"]
+        heater = self.driver.device["heatervector"]
         light = "Alert" if fault else "Busy" if heater_on else "Idle"
         if heater["heater"] != light or message:
             heater["heater"] = light
             await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
-        await self.regulation.publish_power(self.thermostat.heater_power)
+        await self.driver.regulation.publish_power(self.driver.thermostat.heater_power)
 
     async def publish_safety(self, safety, before):
         """SAFETY_STATUS: a light each for the sensor, heater and limits;
         libindi's SAFETY light, first, and the vector's state (all that
         libindi's Safety Monitor reads) are the worst of them."""
-        status = self.device["SAFETY_STATUS"]
+        status = self.driver.device["SAFETY_STATUS"]
         if safety == before and status.state != "Idle":
             return  # as at the last poll: its lights are already out
         lights, message = safety.lights(), safety.news(before)
@@ -4037,16 +4058,6 @@ class ThermoDriver(IPyDriver):
             for name, light in lights.items():
                 status[name] = light
             await status.send_setVector(message=message, state=lights["SAFETY"])
-
-    async def send_log_files(self):
-        if not self.templog.backlog:
-            return  # at most polls: no file has been finished
-        async with self._sending_files:  # one sender at a time keeps files in order
-            # a stopping driver sends nothing: its files stay in the backlog
-            while not self.stop and (logfile := self.templog.next_unsent()):
-                await send_blob(self.device["logsvector"], "templogs", logfile.content())
-                self.templog.sent(logfile)
-                logger.info("%s: sent log file %s", self.device.devicename, logfile.name)
 
 
 def request_event(vector, root):
