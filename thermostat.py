@@ -2112,7 +2112,8 @@ class PwmHeater:
     """A heater on a PWM output through Linux's sysfs PWM interface (a dew
     heater, a MOSFET): pwm:CHIP:CHANNEL is PWM_ROOT/pwmchipCHIP/pwmCHANNEL,
     exported beforehand (echo CHANNEL > /sys/class/pwm/pwmchipCHIP/export),
-    its period set. On is a duty cycle of the whole period, off is 0."""
+    its period set. A power is that fraction of the period as the duty
+    cycle; on is the whole period, off is 0."""
 
     def __init__(self, chip, channel, root=PWM_ROOT):
         self.directory = pwm_directory(chip, channel, root)
@@ -2126,6 +2127,14 @@ class PwmHeater:
         duty = (self.directory / "period").read_text().strip() if on else "0"
         (self.directory / "duty_cycle").write_text(duty)
         if on:
+            (self.directory / "enable").write_text("1")
+
+    def set_power(self, fraction):
+        "A power from 0 to 1 as that fraction of the period: a proportional heater (a dew strap)."
+        period = int((self.directory / "period").read_text().strip())
+        duty = round(period * min(max(fraction, 0.0), 1.0))
+        (self.directory / "duty_cycle").write_text(str(duty))
+        if duty:
             (self.directory / "enable").write_text("1")
 
 
