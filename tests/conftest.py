@@ -279,3 +279,20 @@ def indi_config(tmp_path_factory, monkeypatch):
     fixture's value), so that every thermostat starts with the defaults and
     none writes the user's ~/.indi."""
     return _keep_indi_config_in(tmp_path_factory.mktemp("indi"), monkeypatch)
+
+
+@pytest.fixture
+def indiserver():
+    "Start libindi's indiserver (test_indiserver.IndiServer) with arguments; stopped after the test."
+    from test_indiserver import IndiServer
+
+    started = []
+
+    def start(*arguments):
+        server = IndiServer(*arguments)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -54,19 +54,6 @@ class IndiServer:
         self.process.wait(timeout=5)
 
 
-@pytest.fixture
-def indiserver():
-    started = []
-
-    def start(*arguments):
-        server = IndiServer(*arguments)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
-
-
 def process_gone(pid, timeout):
     "True once pid has exited (or is a zombie) within timeout seconds."
     deadline = time.monotonic() + timeout

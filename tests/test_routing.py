@@ -21,7 +21,6 @@ from conftest import (
     tagged,
     wait_until,
 )
-from test_indiserver import IndiServer
 
 SNOOPER = """\
 import os, sys
@@ -88,19 +87,6 @@ def snooper(folder, name, enable):
     command = executable(folder / name, f"#!/bin/sh\nexec {sys.executable} {folder / 'snooper.py'} "
                          f"{record} {'yes' if enable else 'no'}\n")
     return command, record
-
-
-@pytest.fixture
-def indiserver():
-    started = []
-
-    def start(*arguments):
-        server = IndiServer(*arguments)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture(params=["indiserver", "make_server"])
