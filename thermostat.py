@@ -4388,7 +4388,7 @@ _requests_logged = Throttle(limit=100)
 def log_request(log, element):
     """With DEBUG on, a request is logged clipped, and at most 100 a minute
     for each logger: a client may send thousands a second."""
-    passes, held_back = _requests_logged.passes(log.name, datetime.now().timestamp())
+    passes, held_back = _requests_logged.passes(log.name, time.monotonic())
     if held_back:
         log.debug("%d more requests were not logged", held_back)
     if passes:
