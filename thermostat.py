@@ -5677,11 +5677,15 @@ class StdioLink:
             os.set_blocking(self.fd_out, False)  # a reader that lags must not stop the polls
         read = await self._input_reader()
         stream = _IndiStream()
-        while not self.driver.stop and (data := await read()):
-            for element in stream.feed(data):
-                await hand_to_driver(self.driver, element)
+        ended = "end of input"
+        try:
+            while not self.driver.stop and (data := await read()):
+                for element in stream.feed(data):
+                    await hand_to_driver(self.driver, element)
+        except OSError as exc:  # indiserver gone with our output unread: ECONNRESET
+            ended = f"stdin closed ({exc.strerror or exc})"
         if not self.driver.stop:
-            logger.info("end of input: the driver stops")
+            logger.info("%s: the driver stops", ended)
             self.driver.shutdown()
 
     async def _input_reader(self):

@@ -294,3 +294,25 @@ def test_ipyserver_relays_a_remote_thermostat_and_waits_quietly_while_it_is_down
         relay.terminate()
         assert relay.wait(5) == 0
         remote.stop()
+
+
+def test_stdin_reset_by_indiserver_is_end_of_input():
+    "indiserver ending with our output unread resets the socket: the driver stops as at end of input."
+    ours, theirs = socket.socketpair()
+    driver = subprocess.Popen([sys.executable, str(ROOT / "thermostat.py"), "--stdio", "--no-config",
+                               "--poll-interval", "60"],      # after its answers, it writes nothing
+                              stdin=ours, stdout=ours, stderr=subprocess.PIPE)
+    ours.close()
+    definitions = len(thermostat.make_driver(config=None).device)
+    theirs.sendall(b'<getProperties version="1.7"/>')
+    answer = b""
+    while answer.count(b"</def") < definitions:
+        answer += theirs.recv(65536)
+    theirs.sendall(b'<getProperties version="1.7"/>')    # its answer, all written, stays unread
+    theirs.settimeout(10)
+    while theirs.recv(1 << 20, socket.MSG_PEEK).count(b"</def") < definitions:
+        time.sleep(0.01)
+    theirs.close()          # with unread data: the driver's waiting read fails with ECONNRESET
+    _, stderr = driver.communicate(timeout=10)
+    assert driver.returncode == 0, stderr
+    assert b"Traceback" not in stderr and b"stdin closed (Connection reset by peer): the driver stops" in stderr
