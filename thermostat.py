@@ -2719,14 +2719,19 @@ class Hardware:
                 f"the switch before this one has not answered in {self.timeout:g} s"
             )
         else:
-            self._heater_switch = in_thread(self._switch_in_turn, on)
+            self._heater_switch = switching = in_thread(self._switch_in_turn, on)
+            # asyncio.wait, not wait_for: Python 3.11's wait_for drops a cancellation (a
+            # stop) that comes as the switch answers, and the control loop would run on
             try:
-                await asyncio.wait_for(asyncio.shield(self._heater_switch), self.timeout)
-                error = None
-            except TimeoutError:
+                await asyncio.wait([switching], timeout=self.timeout)
+            except asyncio.CancelledError:
+                if switching.done() and switching.exception() is None:
+                    self._record(model, on)  # made all the same
+                raise
+            if not switching.done():
                 error = TimeoutError(f"no answer within {self.timeout:g} s")
-            except Exception as exc:
-                error = exc
+            else:
+                error = switching.exception()
         self._record(model, on, error)
 
     def _switch_in_turn(self, on):

@@ -592,6 +592,38 @@ def test_an_error_that_ends_the_driver_switches_the_heater_off_first():
     assert told == ["off", "on", "off"]
 
 
+
+def test_a_stop_as_a_switch_completes_is_not_lost(monkeypatch):
+    """The driver's task cancelled just after its heater switch has answered,
+    before the task resumes (a link failing as the heater comes on): the
+    cancellation goes on, where Python 3.11's wait_for returned the switch's
+    result and dropped it, so the control loop ran on, the heater on, and
+    the driver never ended."""
+    class Sensor:
+        def read(self):
+            return 21.5
+
+    class Heater:
+        def switch(self, on):
+            pass
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()      # the switch's worker thread, answering on cue
+        monkeypatch.setattr(thermostat, "in_thread", lambda function, *args: answered)
+        model = thermostat.ThermalControl()
+        switching = asyncio.create_task(thermostat.Hardware(Sensor(), Heater()).switch(model, True))
+        await asyncio.sleep(0)               # the switch waits for its answer
+        loop.call_soon(answered.set_result, None)
+        loop.call_soon(switching.cancel)     # after the answer, before the task resumes
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.heater_on                   # the switch was made: it is recorded all the same
+
+
 def test_a_slow_sensor_is_read_off_the_event_loop():
     "Its read() waits for the event loop to act: read on the loop's own thread, it would never get there."
     started, released = threading.Event(), threading.Event()
