@@ -5,6 +5,7 @@ machines (here, across ports)."""
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -49,9 +50,15 @@ class IndiServer:
         return [int(pid) for pid in open(children).read().split()]
 
     def stop(self):
+        "Stop indiserver, and any driver of it that does not end at its end of input."
+        drivers = []
         if self.process.poll() is None:
+            drivers = self.driver_pids()
             self.process.terminate()
         self.process.wait(timeout=5)
+        for pid in drivers:                  # (indipydriver's own stdin link reads on forever)
+            if not process_gone(pid, timeout=2):
+                os.kill(pid, signal.SIGKILL)
 
 
 def process_gone(pid, timeout):
