@@ -50,7 +50,7 @@ import time
 import urllib.parse
 import weakref
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -1298,40 +1298,55 @@ def file_prefix(devicename):
     return prefix
 
 
-@dataclass
 class LogFile:
     """One CSV file of the temperature log: rows `timestamp,temperature`,
     named <prefix>-<first reading's UTC time>.csv, with '-' for ':' in
-    the time (the rows keep the INDI timestamps)."""
-
-    prefix: str
-    rows: list = field(default_factory=list)
-    size: int = 0  # bytes of its content
-    first: datetime = None  # the time of its first reading
-    finished: bool = False  # complete: no row is added any more
+    the time (the rows keep the INDI timestamps). Its content is held as
+    bytes, the header first: a str a row cost three times the file's size.
+    Rows are only appended, whole, so any prefix of .data that ends after a
+    row is whole rows (LogWriter's thread reads it while rows are added)."""
 
     HEADER = "timestamp,temperature\n"
 
-    def __post_init__(self):
-        self.size = len(self.HEADER) + sum(map(len, self.rows))
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.data = bytearray(self.HEADER.encode())  # bytes once finished: no spare capacity
+        self.count = 0  # rows
+        self.first = None  # the time of its first reading
+        self.finished = False  # complete: no row is added any more
 
     @staticmethod
     def row(reading):
-        return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n"
+        return f"{indi_timestamp(reading.timestamp)},{reading.temperature:.2f}\n".encode()
 
     def add(self, reading, row):
         "Append row, the reading's row (see row())."
-        if not self.rows:
+        if not self.count:
             self.first = reading.timestamp
-        self.rows.append(row)
-        self.size += len(row)
+        self.data += row
+        self.count += 1
+
+    def finish(self):
+        "No row is added any more."
+        self.finished = True
+        self.data = bytes(self.data)
+
+    @property
+    def size(self):
+        "bytes of its content"
+        return len(self.data)
+
+    @property
+    def rows(self):
+        "Its rows, as text (each with its newline)."
+        return self.data[len(self.HEADER) :].decode().splitlines(keepends=True)
 
     @property
     def name(self):
         return f"{self.prefix}-{self.first:%Y-%m-%dT%H-%M-%S.%f}.csv"
 
     def content(self):
-        return (self.HEADER + "".join(self.rows)).encode()
+        return bytes(self.data)
 
 
 _LOG_ROW = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?,-?\d+\.\d\d\n")
@@ -1407,7 +1422,7 @@ class LogWriter:
         self._retry_at = None
         self._open = None  # the LogFile whose .part is open as _fd
         self._fd = None
-        self._rows_on_disk = self._bytes_on_disk = 0
+        self._bytes_on_disk = 0  # of _open's content, header included
         self.recover()
 
     def append(self, logfile, now):
@@ -1419,7 +1434,7 @@ class LogWriter:
         """logfile is complete: it goes on the disk under its final name, at
         once or at a later retry (when now is None, writing is tried at once)."""
         with self._jobs:
-            logfile.finished = True
+            logfile.finish()
             self.unwritten.append(logfile)
             self.unwritten_bytes += logfile.size
             while self.unwritten_bytes > self.max_unwritten:
@@ -1430,7 +1445,7 @@ class LogWriter:
                     self.folder,
                     self.max_unwritten,
                     dropped.name,
-                    len(dropped.rows),
+                    dropped.count,
                 )
         if self.failure is None or now is None or now >= self._retry_at:
             self._ask(None, now)
@@ -1531,7 +1546,7 @@ class LogWriter:
                 with self._jobs:  # unless finish() dropped it meanwhile
                     if self.unwritten and self.unwritten[0] is first:
                         self.unwritten_bytes -= self.unwritten.popleft().size
-            if current is not None and current.rows and not current.finished:
+            if current is not None and current.count and not current.finished:
                 self._open_for(current)  # (finished since it was asked: written above)
                 self._append_rest()
         except OSError as exc:
@@ -1557,27 +1572,30 @@ class LogWriter:
         self._fd = os.open(
             self._partial(logfile), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644
         )
-        self._open, self._rows_on_disk, self._bytes_on_disk = logfile, 0, 0
-        self._write(LogFile.HEADER.encode())
+        self._open, self._bytes_on_disk = logfile, 0
+        self._write(logfile.data[: len(LogFile.HEADER)])
         self._sync_folder()
 
     def _append_rest(self):
-        rows = self._open.rows[self._rows_on_disk :]
+        rows = self._open.data[self._bytes_on_disk :]  # whole rows (see LogFile)
         if not rows:
             return
         if os.fstat(self._fd).st_nlink == 0:
             raise FileNotFoundError(
                 errno.ENOENT, "the partial log file was removed", str(self._partial(self._open))
             )
-        self._write("".join(rows).encode())
+        self._write(rows)
         os.fdatasync(self._fd)
-        self._rows_on_disk += len(rows)
 
     def _write(self, data):
         written = 0
         while written < len(data):
             written += os.write(self._fd, data[written:])
         self._bytes_on_disk += written
+
+    @property
+    def _rows_on_disk(self):
+        return self._bytes_on_disk > len(LogFile.HEADER)
 
     def _finalize(self):
         partial = self._partial(self._open)
@@ -1713,10 +1731,12 @@ class TemperatureLog:
 
     def _finish_file(self, now):
         logfile = self._logfile
-        if not logfile.rows:
+        if not logfile.count:
             return
         if self.writer is not None:
             self.writer.finish(logfile, now)
+        else:
+            logfile.finish()
         self.backlog.append(logfile)
         if len(self.backlog) > self.max_backlog:
             dropped = self.backlog.popleft()

@@ -4,7 +4,9 @@ is passed in, nothing sleeps."""
 import logging
 import math
 import random
+import tracemalloc
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 
@@ -228,3 +230,21 @@ def test_warnings_of_one_kind_are_throttled_and_the_held_back_counted():
     assert warn("another kind", 10) is not None             # each kind has its own window
     later = warn("bad input %s", 61)                          # a new window says what was held back
     assert later is not None and "7 more like this were not logged" in later.msg
+
+
+def test_finished_log_files_are_held_as_their_bytes():
+    "A backlog of finished files costs about their size in memory, not three times it (as str rows)."
+    log = TemperatureLog(max_file_bytes=1 << 16, log_period=86400)
+    log.start(START)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(10000):
+        log.record(SimpleNamespace(timestamp=START + timedelta(seconds=i), temperature=20 + i % 7 / 3,
+                                   safety=SimpleNamespace(sensor=None)))
+    log.stop()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    files = take_finished(log)
+    content = sum(len(f.content()) for f in files)
+    assert len(files) == 4 and sum(len(f.rows) for f in files) == 10000
+    assert held < 1.15 * content, f"{held} bytes held for {content} bytes of log files"
