@@ -1302,7 +1302,7 @@ class LogFile:
     """One CSV file of the temperature log: rows `timestamp,temperature`,
     named <prefix>-<first reading's UTC time>.csv, with '-' for ':' in
     the time (the rows keep the INDI timestamps). Its content is held as
-    bytes, the header first: a str a row cost three times the file's size.
+    bytes, the header first (a str per row would cost three times as much).
     Rows are only appended, whole, so any prefix of .data that ends after a
     row is whole rows (LogWriter's thread reads it while rows are added)."""
 
