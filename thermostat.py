@@ -2658,6 +2658,7 @@ class Hardware:
         self.proportional = is_proportional(heater)
         self._sensor_read = self._heater_switch = None  # calls still running in a worker thread
         self._switching = threading.Lock()  # held by a heater switch in a worker thread
+        self._stops = 0  # offs at stop so far: a switch asked before the last one is not made
         self._interrupted = asyncio.Event()  # the driver stops: a wait for the sensor ends
 
     def interrupt(self):
@@ -2739,7 +2740,7 @@ class Hardware:
                 f"the switch before this one has not answered in {self.timeout:g} s"
             )
         else:
-            self._heater_switch = switching = in_thread(self._switch_in_turn, on)
+            self._heater_switch = switching = in_thread(self._switch_in_turn, on, self._stops)
             # asyncio.wait, not wait_for: Python 3.11's wait_for drops a cancellation (a
             # stop) that comes as the switch answers, and the control loop would run on
             try:
@@ -2754,9 +2755,13 @@ class Hardware:
                 error = switching.exception()
         self._record(model, on, error)
 
-    def _switch_in_turn(self, on):
-        "Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn."
+    def _switch_in_turn(self, on, stops):
+        """Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn.
+        A switch whose thread comes to its turn only after an off at stop (asked before
+        it, its thread not yet scheduled) is not made: the off must be the last word."""
         with self._switching:
+            if stops != self._stops:
+                raise RuntimeError("not made: the heater was switched off at stop meanwhile")
             self._apply(on)
 
     def _apply(self, on):
@@ -2790,6 +2795,7 @@ class Hardware:
         say, that the stop did not wait for) is let finish first, for at most
         timeout: the off must be the last word. A failed off is tried once
         more; return None, or the exception that says why it failed."""
+        self._stops += 1  # a switch asked before this whose thread has not yet taken its turn
         in_turn = self._switching.acquire(timeout=self.timeout)
         try:
             for _ in range(2):

@@ -718,6 +718,40 @@ def test_a_stop_that_cuts_short_a_switch_on_switches_the_heater_off_after_it():
     assert told == [False, True, False]     # off at start, the on, then the off after it
 
 
+def test_an_on_whose_worker_thread_starts_late_does_not_land_after_the_off_at_stop(monkeypatch):
+    """A switch on, cancelled by a stop while its worker thread has started but
+    not yet taken its turn (the GIL or the scheduler held it back): the off at
+    stop goes first, and the late on must not follow it, or the heater stays
+    on with nothing in control of it (the guard is told it is off)."""
+    told, go = [], threading.Event()
+    real_in_thread = thermostat.in_thread
+
+    class Relay:
+        def switch(self, on):
+            told.append(on)
+
+    def late_in_thread(function, *args):  # the worker runs only once told to go
+        return real_in_thread(lambda: go.wait(5) and function(*args))
+
+    async def scenario():
+        hardware = thermostat.Hardware(thermostat.Simulator(), Relay(), timeout=2)
+        model = thermostat.ThermalControl()
+        monkeypatch.setattr(thermostat, "in_thread", late_in_thread)
+        switching = asyncio.create_task(hardware.switch(model, True))
+        await asyncio.sleep(0)  # the on's thread is started, not yet in its turn
+        switching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        assert hardware.switch_off_at_stop(model) is None
+        go.set()
+        await asyncio.wait([hardware._heater_switch], timeout=5)
+        return model
+
+    model = asyncio.run(scenario())
+    assert told[-1] is False, f"the heater was told {told}: the on came after the off at stop"
+    assert model.known_off
+
+
 def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
 
