@@ -1201,6 +1201,11 @@ class ThermalControl:
         "Take measured as the temperature if it is plausible; else say why not, in sensor_fault."
         fault = None
         valid = self.valid_range
+        if isinstance(measured, int) and not isinstance(measured, bool):
+            try:  # an int is taken as the float it stands for
+                measured = float(measured)
+            except OverflowError:  # one too large for a float (math.isfinite would raise)
+                measured = math.inf
         if isinstance(measured, BaseException):
             fault = failure_reason(measured)
         elif (

@@ -752,6 +752,13 @@ def test_an_on_whose_worker_thread_starts_late_does_not_land_after_the_off_at_st
     assert model.known_off
 
 
+def test_a_sensor_that_returns_a_huge_int_is_a_failed_read_not_an_error():
+    model = thermostat.ThermalControl(target=30)
+    reading = model.step(thermostat.datetime.now(thermostat.timezone.utc), 10**400, clock=0.0)
+    assert reading.safety.sensor == "inf is not a temperature"
+    assert model.heater_command() is None and not model.heater_wanted
+
+
 def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
 
