@@ -3963,11 +3963,23 @@ class ThermoDriver(IPyDriver):
                 return  # it went while the heater switched (and switched it off)
             reading = thermostat.reading(now)
         except Exception:
-            logger.exception("%s: thermostat poll failed", self.device.devicename)
+            logger.exception("%s: thermostat poll failed; the heater is held off",
+                             self.device.devicename)  # fmt: skip
+            await self.hold_off_after_failure()
             return
         if self.offer(reading):
             self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
                        "on" if reading.heater_on else "off", thermostat.target)  # fmt: skip
+
+    async def hold_off_after_failure(self):
+        "A poll failed on an error: the heater off, not left as it was, until a poll works."
+        thermostat = self.thermostat
+        try:
+            thermostat.heater_wanted = thermostat.regulator.hold(None, "the poll failed")
+            await self.equipment.follow(thermostat, self.in_control)
+        except Exception:
+            logger.exception("%s: switching the heater off after a failed poll failed",
+                             self.device.devicename)  # fmt: skip
 
     def offer(self, reading):
         "Hand a reading to the update loop; False if it is behind (the reading is dropped)."

@@ -752,6 +752,43 @@ def test_an_on_whose_worker_thread_starts_late_does_not_land_after_the_off_at_st
     assert model.known_off
 
 
+def test_a_poll_that_fails_on_an_error_switches_the_heater_off(monkeypatch):
+    """An error in a poll after the heater came on (a regulation bug, an integrator's
+    sensor returning what the checks do not expect): the heater is switched off,
+    not left on, unregulated and past the maximum temperature, at every failed poll."""
+    told = []
+
+    class Sensor:
+        def read(self):
+            return 21.5
+
+    class Relay:
+        instant = True
+
+        def switch(self, on):
+            told.append(on)
+
+    driver = thermostat.make_driver(target=30, poll_interval=0.01, sensor=Sensor(), heater=Relay())
+    driver._commsobj = QuietLink()
+
+    def broken_step(now_s, measured, target):
+        raise RuntimeError("a bug in regulation")
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        async with asyncio.timeout(2):
+            while told[-1:] != [True]:
+                await asyncio.sleep(0.01)
+            monkeypatch.setattr(driver.thermostat.regulator, "step", broken_step)
+            while told[-1:] == [True] and not hardware.done():
+                await asyncio.sleep(0.01)
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 2)
+
+    asyncio.run(run())
+    assert told[:3] == [False, True, False], f"the heater was told {told}"
+
+
 def test_a_sensor_that_returns_a_huge_int_is_a_failed_read_not_an_error():
     model = thermostat.ThermalControl(target=30)
     reading = model.step(thermostat.datetime.now(thermostat.timezone.utc), 10**400, clock=0.0)
