@@ -3466,8 +3466,9 @@ class PollTimer:
 class SafetySchedule:
     """When the control loop must wake between polls, whatever the poll
     interval a client sets: when the heater-on limit runs out, every
-    safety_check seconds while heating (a sensor read, for the maximum
-    temperature), and for systemd's watchdog (notifier: pinged when due).
+    safety_check seconds while heating, or perhaps heating (after a failed
+    switch: a sensor read, for the maximum temperature, and the off tried
+    again), and for systemd's watchdog (notifier: pinged when due).
     clock is the safety timers' monotonic clock; regulated() says whether
     the thermostat is regulated (the driver connected)."""
 
@@ -3481,13 +3482,13 @@ class SafetySchedule:
         "Seconds until the next wake; the watchdog is pinged here when due."
         now, thermostat = self.clock(), self.thermostat
         due = min(self.notifier.watchdog(now), thermostat.heater_deadline())
-        if thermostat.heater_on and self.regulated():
+        if not thermostat.known_off and self.regulated():
             due = min(due, self.last_read + self.safety_check)
         return due - now
 
     def read_due(self):
-        "True if the heater is on and the sensor was last read safety_check seconds ago."
-        return (self.thermostat.heater_on and self.regulated()
+        "True if the heater may be on and the sensor was last read safety_check seconds ago."
+        return (not self.thermostat.known_off and self.regulated()
                 and self.clock() >= self.last_read + self.safety_check)  # fmt: skip
 
 
