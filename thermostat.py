@@ -113,6 +113,8 @@ TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
 HYSTERESIS = 0.5  # the default band (BAND): the hysteresis switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
+FULL_POWER_BREAK_S = 30.0  # a proportional heater's dip below full power shorter than this, and
+# not to 0, is no break of the heater-on limit's full power (an on/off heater's off always is)
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor
 SAFETY_CHECK = 5.0  # seconds between sensor reads while heating, whatever the poll interval
 
@@ -1056,7 +1058,12 @@ class ThermalControl:
     seconds that the driver passes in (its time.monotonic), so that a step
     of the system clock neither trips nor delays them; left out, they follow
     now, the UTC time of the readings. heater_deadline() says when the
-    heater-on limit runs out, and expire(clock) enforces it between polls."""
+    heater-on limit runs out, and expire(clock) enforces it between polls.
+    A proportional heater's power that dips below full for less than
+    FULL_POWER_BREAK_S, and not to off, is no break in its full power: a PID
+    held at full power, whose output noise takes below it for a poll now and
+    then (a sensor out of the box, reading the air just below the target),
+    would otherwise never reach the limit."""
 
     def __init__(
         self,
@@ -1090,6 +1097,7 @@ class ThermalControl:
         self.guard_fault = None  # why nothing outside the driver would switch the heater off
         self._on_since = None  # when the heater was switched on (clock)
         self._full_since = None  # when it was given full power (clock)
+        self._dipped_since = None  # when a proportional heater's power fell below full, not to 0
         self._last_value = None  # the last value read, and since when
         self._value_since = None
         self._stuck = False
@@ -1155,11 +1163,18 @@ class ThermalControl:
             state = f"to {on:.1%}" if type(on) is float else "on" if on else "off"
             self._set_fault("heater_fault", f"switching it {state} failed: {failure_reason(error)}")
             return
-        power = float(on)
+        power, at = float(on), _seconds(now, clock)
         if power > 0 and not self.heater_on:
-            self._on_since = _seconds(now, clock)
+            self._on_since = at
         if power >= 1 and self.heater_power < 1:
-            self._full_since = _seconds(now, clock)
+            dipped = self._dipped_since
+            if dipped is None or at - dipped >= FULL_POWER_BREAK_S - EPSILON_S:
+                self._full_since = at  # else a short dip: full power goes on from before it
+            self._dipped_since = None
+        elif 0 < power < 1 and self.heater_power >= 1:
+            self._dipped_since = at
+        elif power <= 0:
+            self._dipped_since = None
         self.heater_on, self.heater_power, self.heater_known = power > 0, power, True
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
