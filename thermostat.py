@@ -2814,7 +2814,9 @@ class Hardware:
         driver is stopping. A switch still running in a worker thread (an on,
         say, that the stop did not wait for) is let finish first, for at most
         timeout: the off must be the last word. A failed off is tried once
-        more; return None, or the exception that says why it failed."""
+        more; return None, or the exception that says why it failed (also
+        when the switch before has still not finished: it may land after the
+        off, so the heater may be on, and the guard must switch it off)."""
         self._stops += 1  # a switch asked before this whose thread has not yet taken its turn
         in_turn = self._switching.acquire(timeout=self.timeout)
         try:
@@ -2824,6 +2826,12 @@ class Hardware:
         finally:
             if in_turn:
                 self._switching.release()
+        if error is None and not in_turn:
+            error = TimeoutError(
+                f"the switch before the off has not answered in {self.timeout:g} s: "
+                "it may land after the off"
+            )
+            self._record(model, False, error)  # the heater's state is unknown
         return error
 
 

@@ -796,6 +796,38 @@ def test_a_sensor_that_returns_a_huge_int_is_a_failed_read_not_an_error():
     assert model.heater_command() is None and not model.heater_wanted
 
 
+def test_an_off_at_stop_that_a_hung_switch_may_land_after_is_not_called_a_success():
+    """A switch on hung in its worker thread beyond the timeout at stop: the off
+    is made, but the on may land after it, so the stop says the heater may be on
+    (the guard then switches it off once the process ends) rather than that it is off."""
+    entered, release, told = threading.Event(), threading.Event(), []
+
+    class HungRelay:
+        def switch(self, on):
+            if on:
+                entered.set()
+                release.wait(5)
+            told.append(on)
+
+    async def scenario():
+        hardware = thermostat.Hardware(thermostat.Simulator(), HungRelay(), timeout=0.2)
+        model = thermostat.ThermalControl()
+        switching = asyncio.create_task(hardware.switch(model, True))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        switching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        return model, hardware.switch_off_at_stop(model)
+
+    try:
+        model, error = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert isinstance(error, TimeoutError) and "may land after the off" in str(error)
+    assert not model.known_off
+
+
 def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
 
