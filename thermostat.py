@@ -2525,7 +2525,10 @@ class HeaterGuard:
         if status is None or (status == 0 and self._stood_down):
             return None
         if status < 0:
-            what = f"was killed by {signal.Signals(-status).name}"
+            try:
+                what = f"was killed by {signal.Signals(-status).name}"
+            except ValueError:  # a real-time signal but the first and last has no name
+                what = f"was killed by signal {-status}"
         else:
             what = f"exited with status {status}"
         said = f" ({self._said})" if self._said not in ("", "armed") else ""
