@@ -1094,6 +1094,7 @@ class ThermalControl:
         self.sensor_fault = self.heater_fault = None
         self.over_max = False  # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
+        self._left_band = False  # the temperature was out of the band since the alarm tripped
         self.guard_fault = None  # why nothing outside the driver would switch the heater off
         self._on_since = None  # when the heater was switched on (clock)
         self._full_since = None  # when it was given full power (clock)
@@ -1117,7 +1118,7 @@ class ThermalControl:
         if self.on_time_alarm:
             limit = (
                 f"the heater ran {self.max_heater_on:g} s without a break: it stays off until "
-                f"the temperature is within {HYSTERESIS:g} of the target, "
+                f"the temperature is back within {HYSTERESIS:g} of the target, "
                 "or a client sets the target"
             )
         elif self.over_max:
@@ -1190,6 +1191,7 @@ class ThermalControl:
         latched the alarm (the heater is then wanted off)."""
         if self.heater_power >= 1 and not self.on_time_alarm and clock >= self.heater_deadline():
             self.on_time_alarm = True
+            self._left_band = not self.in_band  # in it already: it must leave it and come back
             self.heater_wanted = self.regulator.hold(clock, self.safety.limit)
             logger.error("%s: %s", self.name, self.safety.limit)
             return True
@@ -1271,7 +1273,9 @@ class ThermalControl:
             elif self.over_max and not over_max:
                 logger.info("%s: back below the maximum temperature", self.name)
             self.over_max = over_max
-            if self.on_time_alarm and self.in_band:
+            if self.on_time_alarm and not self.in_band:
+                self._left_band = True
+            elif self.on_time_alarm and self._left_band:  # back in the band on its own
                 self.on_time_alarm = False
                 logger.info(
                     "%s: heater-on time alarm re-armed: the temperature is back within the band",
