@@ -2766,6 +2766,9 @@ class Hardware:
             error = TimeoutError(
                 f"the switch before this one has not answered in {self.timeout:g} s"
             )
+        elif on and (problem := self.guard_problem()):  # the guard died while this waited
+            model.guarded(problem)
+            return
         else:
             self._heater_switch = switching = in_thread(self._switch_in_turn, on, self._stops)
             # asyncio.wait, not wait_for: Python 3.11's wait_for drops a cancellation (a

@@ -828,6 +828,39 @@ def test_an_off_at_stop_that_a_hung_switch_may_land_after_is_not_called_a_succes
     assert not model.known_off
 
 
+def test_an_on_that_waited_for_the_switch_before_it_is_not_made_once_the_guard_died():
+    """An on waits for the switch before it, still under way; meanwhile the
+    guard dies. The on is not made: never on without the guard."""
+    told = []
+
+    class Relay:
+        def switch(self, on):
+            told.append(on)
+
+    class Guard:
+        said = None
+
+        def problem(self):
+            return self.said
+
+    async def scenario():
+        guard = Guard()
+        hardware = thermostat.Hardware(thermostat.Simulator(), Relay(), timeout=2, guard=guard)
+        model = thermostat.ThermalControl()
+        before = hardware._heater_switch = asyncio.get_running_loop().create_future()
+        switching = asyncio.create_task(hardware.switch(model, True))
+        await asyncio.sleep(0)  # the on waits for the switch before it
+        guard.said = "the heater guard was killed by SIGKILL"
+        before.set_result(None)
+        await asyncio.wait_for(switching, 2)
+        if hardware._heater_switch is not before:
+            await asyncio.wait([hardware._heater_switch], timeout=2)
+        return model
+
+    model = asyncio.run(scenario())
+    assert told == [] and not model.heater_on and model.guard_fault
+
+
 def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
 
