@@ -113,6 +113,8 @@ TEMPERATURE_MIN, TEMPERATURE_MAX = -50.0, 99.0
 HYSTERESIS = 0.5  # the default band (BAND): the hysteresis switches beyond target +/- this
 MAX_TEMPERATURE = 50.0  # above it the heater is off, whatever the target
 MAX_HEATER_ON = 3600.0  # seconds of continuous heating that raise the alarm
+FULL_POWER_BREAK_S = 30.0  # a proportional heater's dip below full power shorter than this, and
+# not to 0, is no break of the heater-on limit's full power (an on/off heater's off always is)
 STUCK_AFTER = 600.0  # seconds of one unchanged reading while heating: a stuck sensor
 SAFETY_CHECK = 5.0  # seconds between sensor reads while heating, whatever the poll interval
 
@@ -1056,7 +1058,12 @@ class ThermalControl:
     seconds that the driver passes in (its time.monotonic), so that a step
     of the system clock neither trips nor delays them; left out, they follow
     now, the UTC time of the readings. heater_deadline() says when the
-    heater-on limit runs out, and expire(clock) enforces it between polls."""
+    heater-on limit runs out, and expire(clock) enforces it between polls.
+    A proportional heater's power that dips below full for less than
+    FULL_POWER_BREAK_S, and not to off, is no break in its full power: a PID
+    held at full power, whose output noise takes below it for a poll now and
+    then (a sensor out of the box, reading the air just below the target),
+    would otherwise never reach the limit."""
 
     def __init__(
         self,
@@ -1087,9 +1094,11 @@ class ThermalControl:
         self.sensor_fault = self.heater_fault = None
         self.over_max = False  # above max_temperature (until HYSTERESIS below it)
         self.on_time_alarm = False  # heater on for max_heater_on: latched until re-armed
+        self._left_band = False  # the temperature was out of the band since the alarm tripped
         self.guard_fault = None  # why nothing outside the driver would switch the heater off
         self._on_since = None  # when the heater was switched on (clock)
         self._full_since = None  # when it was given full power (clock)
+        self._dipped_since = None  # when a proportional heater's power fell below full, not to 0
         self._last_value = None  # the last value read, and since when
         self._value_since = None
         self._stuck = False
@@ -1109,7 +1118,7 @@ class ThermalControl:
         if self.on_time_alarm:
             limit = (
                 f"the heater ran {self.max_heater_on:g} s without a break: it stays off until "
-                f"the temperature is within {HYSTERESIS:g} of the target, "
+                f"the temperature is back within {HYSTERESIS:g} of the target, "
                 "or a client sets the target"
             )
         elif self.over_max:
@@ -1155,11 +1164,18 @@ class ThermalControl:
             state = f"to {on:.1%}" if type(on) is float else "on" if on else "off"
             self._set_fault("heater_fault", f"switching it {state} failed: {failure_reason(error)}")
             return
-        power = float(on)
+        power, at = float(on), _seconds(now, clock)
         if power > 0 and not self.heater_on:
-            self._on_since = _seconds(now, clock)
+            self._on_since = at
         if power >= 1 and self.heater_power < 1:
-            self._full_since = _seconds(now, clock)
+            dipped = self._dipped_since
+            if dipped is None or at - dipped >= FULL_POWER_BREAK_S - EPSILON_S:
+                self._full_since = at  # else a short dip: full power goes on from before it
+            self._dipped_since = None
+        elif 0 < power < 1 and self.heater_power >= 1:
+            self._dipped_since = at
+        elif power <= 0:
+            self._dipped_since = None
         self.heater_on, self.heater_power, self.heater_known = power > 0, power, True
         if on == self.heater_wanted:
             self._set_fault("heater_fault", None)
@@ -1175,6 +1191,7 @@ class ThermalControl:
         latched the alarm (the heater is then wanted off)."""
         if self.heater_power >= 1 and not self.on_time_alarm and clock >= self.heater_deadline():
             self.on_time_alarm = True
+            self._left_band = not self.in_band  # in it already: it must leave it and come back
             self.heater_wanted = self.regulator.hold(clock, self.safety.limit)
             logger.error("%s: %s", self.name, self.safety.limit)
             return True
@@ -1201,6 +1218,11 @@ class ThermalControl:
         "Take measured as the temperature if it is plausible; else say why not, in sensor_fault."
         fault = None
         valid = self.valid_range
+        if isinstance(measured, int) and not isinstance(measured, bool):
+            try:  # an int is taken as the float it stands for
+                measured = float(measured)
+            except OverflowError:  # one too large for a float (math.isfinite would raise)
+                measured = math.inf
         if isinstance(measured, BaseException):
             fault = failure_reason(measured)
         elif (
@@ -1251,7 +1273,9 @@ class ThermalControl:
             elif self.over_max and not over_max:
                 logger.info("%s: back below the maximum temperature", self.name)
             self.over_max = over_max
-            if self.on_time_alarm and self.in_band:
+            if self.on_time_alarm and not self.in_band:
+                self._left_band = True
+            elif self.on_time_alarm and self._left_band:  # back in the band on its own
                 self.on_time_alarm = False
                 logger.info(
                     "%s: heater-on time alarm re-armed: the temperature is back within the band",
@@ -2505,7 +2529,10 @@ class HeaterGuard:
         if status is None or (status == 0 and self._stood_down):
             return None
         if status < 0:
-            what = f"was killed by {signal.Signals(-status).name}"
+            try:
+                what = f"was killed by {signal.Signals(-status).name}"
+            except ValueError:  # a real-time signal but the first and last has no name
+                what = f"was killed by signal {-status}"
         else:
             what = f"exited with status {status}"
         said = f" ({self._said})" if self._said not in ("", "armed") else ""
@@ -2658,6 +2685,7 @@ class Hardware:
         self.proportional = is_proportional(heater)
         self._sensor_read = self._heater_switch = None  # calls still running in a worker thread
         self._switching = threading.Lock()  # held by a heater switch in a worker thread
+        self._stops = 0  # offs at stop so far: a switch asked before the last one is not made
         self._interrupted = asyncio.Event()  # the driver stops: a wait for the sensor ends
 
     def interrupt(self):
@@ -2738,8 +2766,11 @@ class Hardware:
             error = TimeoutError(
                 f"the switch before this one has not answered in {self.timeout:g} s"
             )
+        elif on and (problem := self.guard_problem()):  # the guard died while this waited
+            model.guarded(problem)
+            return
         else:
-            self._heater_switch = switching = in_thread(self._switch_in_turn, on)
+            self._heater_switch = switching = in_thread(self._switch_in_turn, on, self._stops)
             # asyncio.wait, not wait_for: Python 3.11's wait_for drops a cancellation (a
             # stop) that comes as the switch answers, and the control loop would run on
             try:
@@ -2754,9 +2785,13 @@ class Hardware:
                 error = switching.exception()
         self._record(model, on, error)
 
-    def _switch_in_turn(self, on):
-        "Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn."
+    def _switch_in_turn(self, on, stops):
+        """Switch the heater, in a worker thread; at stop, switch_off_at_stop waits its turn.
+        A switch whose thread comes to its turn only after an off at stop (asked before
+        it, its thread not yet scheduled) is not made: the off must be the last word."""
         with self._switching:
+            if stops != self._stops:
+                raise RuntimeError("not made: the heater was switched off at stop meanwhile")
             self._apply(on)
 
     def _apply(self, on):
@@ -2789,7 +2824,10 @@ class Hardware:
         driver is stopping. A switch still running in a worker thread (an on,
         say, that the stop did not wait for) is let finish first, for at most
         timeout: the off must be the last word. A failed off is tried once
-        more; return None, or the exception that says why it failed."""
+        more; return None, or the exception that says why it failed (also
+        when the switch before has still not finished: it may land after the
+        off, so the heater may be on, and the guard must switch it off)."""
+        self._stops += 1  # a switch asked before this whose thread has not yet taken its turn
         in_turn = self._switching.acquire(timeout=self.timeout)
         try:
             for _ in range(2):
@@ -2798,6 +2836,12 @@ class Hardware:
         finally:
             if in_turn:
                 self._switching.release()
+        if error is None and not in_turn:
+            error = TimeoutError(
+                f"the switch before the off has not answered in {self.timeout:g} s: "
+                "it may land after the off"
+            )
+            self._record(model, False, error)  # the heater's state is unknown
         return error
 
 
@@ -3455,8 +3499,9 @@ class PollTimer:
 class SafetySchedule:
     """When the control loop must wake between polls, whatever the poll
     interval a client sets: when the heater-on limit runs out, every
-    safety_check seconds while heating (a sensor read, for the maximum
-    temperature), and for systemd's watchdog (notifier: pinged when due).
+    safety_check seconds while heating, or perhaps heating (after a failed
+    switch: a sensor read, for the maximum temperature, and the off tried
+    again), and for systemd's watchdog (notifier: pinged when due).
     clock is the safety timers' monotonic clock; regulated() says whether
     the thermostat is regulated (the driver connected)."""
 
@@ -3470,13 +3515,13 @@ class SafetySchedule:
         "Seconds until the next wake; the watchdog is pinged here when due."
         now, thermostat = self.clock(), self.thermostat
         due = min(self.notifier.watchdog(now), thermostat.heater_deadline())
-        if thermostat.heater_on and self.regulated():
+        if not thermostat.known_off and self.regulated():
             due = min(due, self.last_read + self.safety_check)
         return due - now
 
     def read_due(self):
-        "True if the heater is on and the sensor was last read safety_check seconds ago."
-        return (self.thermostat.heater_on and self.regulated()
+        "True if the heater may be on and the sensor was last read safety_check seconds ago."
+        return (not self.thermostat.known_off and self.regulated()
                 and self.clock() >= self.last_read + self.safety_check)  # fmt: skip
 
 
@@ -3952,11 +3997,23 @@ class ThermoDriver(IPyDriver):
                 return  # it went while the heater switched (and switched it off)
             reading = thermostat.reading(now)
         except Exception:
-            logger.exception("%s: thermostat poll failed", self.device.devicename)
+            logger.exception("%s: thermostat poll failed; the heater is held off",
+                             self.device.devicename)  # fmt: skip
+            await self.hold_off_after_failure()
             return
         if self.offer(reading):
             self.log.debug("temperature %.2f, heater %s, target %.2f", reading.temperature,
                        "on" if reading.heater_on else "off", thermostat.target)  # fmt: skip
+
+    async def hold_off_after_failure(self):
+        "A poll failed on an error: the heater off, not left as it was, until a poll works."
+        thermostat = self.thermostat
+        try:
+            thermostat.heater_wanted = thermostat.regulator.hold(None, "the poll failed")
+            await self.equipment.follow(thermostat, self.in_control)
+        except Exception:
+            logger.exception("%s: switching the heater off after a failed poll failed",
+                             self.device.devicename)  # fmt: skip
 
     def offer(self, reading):
         "Hand a reading to the update loop; False if it is behind (the reading is dropped)."

@@ -279,3 +279,15 @@ def test_a_gpio_line_busy_for_another_reason_is_a_clear_error(tmp_path, fake_gpi
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_guard_killed_by_a_real_time_signal_is_a_problem_said_not_an_error():
+    """A guard ended by a signal that signal.Signals has no name for (SIGRTMIN+6,
+    say): problem() says so, where it raised ValueError out of every poll (and the
+    heater, if on, was left on with no guard)."""
+    from types import SimpleNamespace
+
+    guard = thermostat.HeaterGuard(["command", "true"])
+    guard.process = SimpleNamespace(pid=12345, poll=lambda: -40)
+    problem = guard.problem()
+    assert problem and "killed by signal 40" in problem

@@ -718,6 +718,149 @@ def test_a_stop_that_cuts_short_a_switch_on_switches_the_heater_off_after_it():
     assert told == [False, True, False]     # off at start, the on, then the off after it
 
 
+def test_an_on_whose_worker_thread_starts_late_does_not_land_after_the_off_at_stop(monkeypatch):
+    """A switch on, cancelled by a stop while its worker thread has started but
+    not yet taken its turn (the GIL or the scheduler held it back): the off at
+    stop goes first, and the late on must not follow it, or the heater stays
+    on with nothing in control of it (the guard is told it is off)."""
+    told, go = [], threading.Event()
+    real_in_thread = thermostat.in_thread
+
+    class Relay:
+        def switch(self, on):
+            told.append(on)
+
+    def late_in_thread(function, *args):  # the worker runs only once told to go
+        return real_in_thread(lambda: go.wait(5) and function(*args))
+
+    async def scenario():
+        hardware = thermostat.Hardware(thermostat.Simulator(), Relay(), timeout=2)
+        model = thermostat.ThermalControl()
+        monkeypatch.setattr(thermostat, "in_thread", late_in_thread)
+        switching = asyncio.create_task(hardware.switch(model, True))
+        await asyncio.sleep(0)  # the on's thread is started, not yet in its turn
+        switching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        assert hardware.switch_off_at_stop(model) is None
+        go.set()
+        await asyncio.wait([hardware._heater_switch], timeout=5)
+        return model
+
+    model = asyncio.run(scenario())
+    assert told[-1] is False, f"the heater was told {told}: the on came after the off at stop"
+    assert model.known_off
+
+
+def test_a_poll_that_fails_on_an_error_switches_the_heater_off(monkeypatch):
+    """An error in a poll after the heater came on (a regulation bug, an integrator's
+    sensor returning what the checks do not expect): the heater is switched off,
+    not left on, unregulated and past the maximum temperature, at every failed poll."""
+    told = []
+
+    class Sensor:
+        def read(self):
+            return 21.5
+
+    class Relay:
+        instant = True
+
+        def switch(self, on):
+            told.append(on)
+
+    driver = thermostat.make_driver(target=30, poll_interval=0.01, sensor=Sensor(), heater=Relay())
+    driver._commsobj = QuietLink()
+
+    def broken_step(now_s, measured, target):
+        raise RuntimeError("a bug in regulation")
+
+    async def run():
+        hardware = asyncio.create_task(driver.hardware())
+        async with asyncio.timeout(2):
+            while told[-1:] != [True]:
+                await asyncio.sleep(0.01)
+            monkeypatch.setattr(driver.thermostat.regulator, "step", broken_step)
+            while told[-1:] == [True] and not hardware.done():
+                await asyncio.sleep(0.01)
+        driver.shutdown()
+        await asyncio.wait_for(hardware, 2)
+
+    asyncio.run(run())
+    assert told[:3] == [False, True, False], f"the heater was told {told}"
+
+
+def test_a_sensor_that_returns_a_huge_int_is_a_failed_read_not_an_error():
+    model = thermostat.ThermalControl(target=30)
+    reading = model.step(thermostat.datetime.now(thermostat.timezone.utc), 10**400, clock=0.0)
+    assert reading.safety.sensor == "inf is not a temperature"
+    assert model.heater_command() is None and not model.heater_wanted
+
+
+def test_an_off_at_stop_that_a_hung_switch_may_land_after_is_not_called_a_success():
+    """A switch on hung in its worker thread beyond the timeout at stop: the off
+    is made, but the on may land after it, so the stop says the heater may be on
+    (the guard then switches it off once the process ends) rather than that it is off."""
+    entered, release, told = threading.Event(), threading.Event(), []
+
+    class HungRelay:
+        def switch(self, on):
+            if on:
+                entered.set()
+                release.wait(5)
+            told.append(on)
+
+    async def scenario():
+        hardware = thermostat.Hardware(thermostat.Simulator(), HungRelay(), timeout=0.2)
+        model = thermostat.ThermalControl()
+        switching = asyncio.create_task(hardware.switch(model, True))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        switching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        return model, hardware.switch_off_at_stop(model)
+
+    try:
+        model, error = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert isinstance(error, TimeoutError) and "may land after the off" in str(error)
+    assert not model.known_off
+
+
+def test_an_on_that_waited_for_the_switch_before_it_is_not_made_once_the_guard_died():
+    """An on waits for the switch before it, still under way; meanwhile the
+    guard dies. The on is not made: never on without the guard."""
+    told = []
+
+    class Relay:
+        def switch(self, on):
+            told.append(on)
+
+    class Guard:
+        said = None
+
+        def problem(self):
+            return self.said
+
+    async def scenario():
+        guard = Guard()
+        hardware = thermostat.Hardware(thermostat.Simulator(), Relay(), timeout=2, guard=guard)
+        model = thermostat.ThermalControl()
+        before = hardware._heater_switch = asyncio.get_running_loop().create_future()
+        switching = asyncio.create_task(hardware.switch(model, True))
+        await asyncio.sleep(0)  # the on waits for the switch before it
+        guard.said = "the heater guard was killed by SIGKILL"
+        before.set_result(None)
+        await asyncio.wait_for(switching, 2)
+        if hardware._heater_switch is not before:
+            await asyncio.wait([hardware._heater_switch], timeout=2)
+        return model
+
+    model = asyncio.run(scenario())
+    assert told == [] and not model.heater_on and model.guard_fault
+
+
 def test_a_disconnect_during_a_polls_first_switch_stops_its_second():
     told, offline, slow_off, in_slow_off = [], threading.Event(), threading.Event(), threading.Event()
 

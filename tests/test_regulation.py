@@ -623,3 +623,46 @@ def test_the_command_line_s_simulator_can_be_given_a_shorter_time_constant(serve
     client.close()
     with pytest.raises(ValueError, match="simulator:TAU"):
         thermostat.make_sensor("simulator:x")
+
+
+def test_the_heater_on_limit_holds_for_a_pid_at_full_power_whose_output_dips_now_and_then():
+    """A proportional heater under PID, its sensor out of the box reading the air
+    0.8 K below the target, with a little noise: the PID holds full power but for
+    one poll now and then (the noise through the derivative), some 2 % of them. A
+    dip of a second is no break: the heater-on limit holds, where each dip started
+    it afresh and the heater ran at 99.7 % for hours with the limit never reached."""
+    noise = random.Random(1)
+    control = thermostat.ThermalControl(target=20, proportional=True, max_heater_on=3600)
+    control.regulator.mode = "PID"
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for second in range(3 * 3600):
+        now = start + timedelta(seconds=second)
+        control.step(now, 19.2 + noise.gauss(0, 0.03), clock=float(second))
+        if (command := control.heater_command()) is not None:
+            control.heater_switched(command, now, clock=float(second))
+        if control.on_time_alarm:
+            break
+    assert control.on_time_alarm, "3 h at 99.7 % power, and the heater-on limit never held"
+    assert 3600 <= second < 3600 + 300  # from the first full power, a minute or so in
+
+
+def test_the_heater_on_alarm_that_trips_within_the_band_stays_latched_until_the_band_is_left():
+    """A sensor out of the box reading the air 0.3 K below the target, within the
+    band: the PID winds up to full power, and the heater-on limit trips after an
+    hour. The temperature is in the band, not back in it: the alarm stays latched
+    (the heater off), where it was re-armed at the next poll and the heater ran
+    at 99.9 % for hours, the limit a one-poll break each hour."""
+    noise = random.Random(1)
+    control = thermostat.ThermalControl(target=20, proportional=True, max_heater_on=3600)
+    control.regulator.mode = "PID"
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    tripped = None
+    for second in range(3 * 3600):
+        now = start + timedelta(seconds=second)
+        control.step(now, 19.7 + noise.gauss(0, 0.03), clock=float(second))
+        if (command := control.heater_command()) is not None:
+            control.heater_switched(command, now, clock=float(second))
+        if control.on_time_alarm and tripped is None:
+            tripped = second
+    assert tripped is not None and tripped < 2 * 3600
+    assert control.on_time_alarm and control.heater_power == 0.0, "re-armed within the band"

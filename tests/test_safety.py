@@ -409,3 +409,22 @@ def test_a_disk_that_stops_answering_holds_up_neither_the_limits_nor_the_clients
     assert said.count("has not returned within") == 1  # the stall said once
     assert "writing log files to" in said and "has returned" in said
     assert "no answer from the disk" in said  # the configuration file's write
+
+
+def test_a_heater_whose_on_failed_may_be_heating_and_is_checked_on_the_safety_schedule():
+    """A switch on that failed (a smart plug that switched but did not answer in
+    time) leaves the heater's state unknown, perhaps on: until it is known off,
+    the sensor is read (and the off tried again) every safety_check seconds,
+    not only at the next poll, which a client may set 10 minutes away."""
+    now = [100.0]
+    model = thermostat.ThermalControl(target=30)
+    model.heater_switched(True, datetime.now(thermostat.timezone.utc),
+                          error=TimeoutError("no answer within 2 s"), clock=now[0])
+    model.heater_switched(False, datetime.now(thermostat.timezone.utc),
+                          error=OSError("the plug is offline"), clock=now[0])
+    assert not model.heater_on and not model.known_off  # it may be on
+    schedule = thermostat.SafetySchedule(model, lambda: now[0], lambda: True, safety_check=5)
+    schedule.last_read = now[0]
+    assert schedule.delay() <= 5
+    now[0] += 5
+    assert schedule.read_due()
