@@ -4130,7 +4130,7 @@ class ReadingPublisher:
         light = "Alert" if fault else "Busy" if heater_on else "Idle"
         if heater["heater"] != light or message:
             heater["heater"] = light
-            await heater.send_setVector(message=message, state="Alert" if fault else "Idle")
+            await heater.send_setVector(message=message, state=light)  # KStars' group light too
         await self.driver.regulation.publish_power(self.driver.thermostat.heater_power)
 
     async def publish_safety(self, safety, before):

@@ -224,7 +224,7 @@ def test_a_failing_heater_command_is_reported_and_the_heater_switched_off(rig, s
     assert rig.wait_told("off", after=2)[:3] == ["off", "on FAILED", "off"]   # a failed on, then off
     rig.flag("heater-fails", present=False)
     back = client.expect(setvector("heatervector", message="the heater switches again"))
-    assert members(back)["heater"] == "Busy" and back.get("state") == "Idle"
+    assert members(back)["heater"] == "Busy" and back.get("state") == "Busy"   # the vector as its light
     expect_safety(client, "Ok")
     assert rig.wait_told("on")[-1] == "on"
 
@@ -958,3 +958,17 @@ def test_gpio_without_the_extra_says_how_to_install_it(monkeypatch):
         thermostat.make_heater("gpio:gpiochip0:17:active-low")
     assert str(error.value) == ("argument --heater: --heater gpio needs libgpiod's Python bindings: "
                                 "pip install 'thermostat[gpio]' (or pip install gpiod)")
+
+
+def test_the_heater_vectors_state_is_its_light():
+    "KStars shows the vector's state beside the element's light: both Busy while heating, as seen in 3.6.2."
+    driver = thermostat.make_driver(config=None)
+    sent = []
+
+    async def record(xmldata):
+        sent.append(xmldata)
+    driver.send = record
+    heater = driver.device["heatervector"]
+    for on, fault, light in ((True, None, "Busy"), (False, None, "Idle"), (False, "relay", "Alert")):
+        asyncio.run(driver.publisher.publish_heater(on, fault))
+        assert (heater["heater"], heater.state) == (light, light)
