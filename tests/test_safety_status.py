@@ -34,8 +34,9 @@ def watched(served, *options, device="Thermostat"):
 
 
 def safety_state(client, state, device="Thermostat"):
-    "Wait for a SAFETY_STATUS set in state; return it."
-    return client.expect(lambda e: e.tag == "setLightVector" and e.get("name") == "SAFETY_STATUS"
+    "Wait for a SAFETY_STATUS defined or set in state; return it."
+    return client.expect(lambda e: e.tag in ("defLightVector", "setLightVector")
+                         and e.get("name") == "SAFETY_STATUS"
                          and e.get("device") == device and e.get("state") == state,
                          what=f"SAFETY_STATUS {state}")
 
