@@ -11,13 +11,8 @@ carry the same state in one light, SAFETY: ours has it first, then a light
 each for the sensor, the heater, the limits, whether the heater heats and the
 weather data."""
 
-import subprocess
-
-import pytest
-
 import thermostat
-from conftest import free_port, new_number, new_switch, wait_for_port
-from test_peers import setprop, wait_for_prop
+from conftest import new_number, new_switch
 
 ORDER = {"Idle": 0, "Ok": 1, "Busy": 2, "Alert": 3}  # libindi's IPState values
 LIGHTS = ["SAFETY", "SENSOR", "HEATER", "LIMITS", "EFFECTIVE", "WEATHER"]
@@ -144,27 +139,3 @@ def test_disconnected_with_the_heater_maybe_on_is_alert(served):
                                  EFFECTIVE="Idle", WEATHER="Idle")
     check_shape(client)
 
-
-# -- against libindi's Safety Monitor itself, where it is installed (libindi 2.2 and newer) --
-
-
-@pytest.fixture
-def monitored(tmp_path):
-    """indiserver running libindi's Safety Monitor beside a fast-polling
-    thermostat, the monitor watching it: yields the server's port."""
-    fast = tmp_path / "indi_thermostat_fast"     # indiserver passes no options: a wrapper gives them
-    fast.write_text('#!/bin/sh\nexec indi_thermostat --poll-interval 0.2 "$@"\n')
-    fast.chmod(0o755)
-    port = free_port()
-    server = subprocess.Popen(["indiserver", "-p", str(port), "-u", str(tmp_path / "sock"),
-                               "indi_safetymonitor", str(fast)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, process=server)
-        wait_for_prop(port, "Thermostat.SAFETY_STATUS._STATE", "Ok", timeout=10)
-        setprop(port, f"Safety Monitor.CONNECTION_STRINGS.DEVICES=Thermostat@localhost:{port}")
-        setprop(port, "Safety Monitor.CONNECTION.CONNECT=On")
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
