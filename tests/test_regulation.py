@@ -8,7 +8,6 @@ short; the model's own tests run in simulated time."""
 import asyncio
 import math
 import random
-import shutil
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -531,7 +530,6 @@ def test_dew_point_mode_follows_a_weather_device_served_beside_it_and_falls_back
     assert "followed again" in back.get("message")
 
 
-@pytest.mark.skipif(not shutil.which("indi_simulator_weather"), reason="libindi's drivers absent")
 def test_dew_point_mode_snoops_libindi_s_weather_simulator_under_indiserver(tmp_path):
     "libindi's simulator gives no humidity: the thermostat says so, and runs at its fallback."
     port = free_port()
