@@ -3764,6 +3764,7 @@ class ThermoDriver(IPyDriver):
         self.timer = PollTimer(poll_interval)
         self.schedule = SafetySchedule(thermostat, hardware.clock, lambda: self.connected)
         self.started = asyncio.Event()  # set once the heater is first known off
+        self.ready = asyncio.Event()  # set once the saved settings apply: the server waits (_pass)
         self._sending_files = asyncio.Lock()
         self.answers = DeviceAnswers(device)
         self.reject, self.refuse = self.answers.reject, self.answers.refuse
@@ -3771,6 +3772,7 @@ class ThermoDriver(IPyDriver):
 
     def shutdown(self):
         super().shutdown()
+        self.ready.set()  # nothing waits on a stopping driver: it takes nothing (take_request)
         self.schedule.notifier.stopping()
         self.equipment.interrupt()
         self.timer.wake_up()
@@ -3938,7 +3940,10 @@ class ThermoDriver(IPyDriver):
 
     async def asyncrun(self):
         self.equipment.resume()
-        await self.settings.load_at_start(self.log)  # before any request or definition
+        try:
+            await self.settings.load_at_start(self.log)
+        finally:
+            self.ready.set()  # the requests and getProperties that came meanwhile go on
         if self.equipment.interrupted:
             return  # stopped while the file was read: the foundation's asyncrun would undo that
         try:
@@ -5464,6 +5469,12 @@ class IndiServer(IPyServer):
             _asker.reset(token)
 
     async def _pass(self, link, element):
+        """Hand element to a link's driver; to a driver that offers ready, an
+        asyncio.Event (ThermoDriver), once it is set: a client that asks as the
+        server starts would otherwise see, and change, the settings the driver
+        is still reading from its file."""
+        if (ready := getattr(link.source, "ready", None)) is not None:
+            await ready.wait()
         await hand_to_driver(link.source, element)
 
     def _hand_over(self, link, element):

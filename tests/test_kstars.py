@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -195,6 +196,33 @@ def test_a_restarted_thermostat_comes_back_with_its_target_and_poll_period(start
     assert (member(target, "target"), member(period, "PERIOD_MS")) == ("23.00", "50")
     client.gather(tagged("setNumberVector", name="temperaturevector"), 10, timeout=5)   # 10 s polls would not
     client.close()
+
+
+def test_a_client_at_start_waits_for_the_saved_settings_and_its_change_is_not_undone(in_process, tmp_path):
+    config = tmp_path / "config.xml"
+    config.write_text(f"<INDIDriver>{new_number('Thermostat', 'targetvector', 'target', '30')}</INDIDriver>")
+    driver = thermostat.make_driver(poll_interval=0.05, config=config)
+    disk_answers = threading.Event()
+    read = driver.settings.read
+
+    def slow_read():  # a slow disk, which the test releases
+        if not disk_answers.wait(5):
+            raise TimeoutError("the test never released the disk")
+        return read()
+    driver.settings.read = slow_read
+    running = in_process(thermostat.make_server(driver, port=free_port()))
+    asker, changer = running.client(), running.client()
+    asker.send(GET_ALL)
+    changer.send(new_number("Thermostat", "targetvector", "target", "40"))
+    with pytest.raises(AssertionError, match="timed out"):   # nothing is answered while the disk is slow
+        asker.expect(tagged("defNumberVector", name="targetvector"), timeout=0.3)
+    disk_answers.set()
+    (target,) = definitions(asker, "targetvector")
+    assert member(target, "target") in ("30.00", "40.00")  # the saved value or the change, never 15
+    assert member(reply_to(changer, "targetvector"), "target") == "40.00"
+    asker.send(GET_ALL)
+    (target,) = definitions(asker, "targetvector")
+    assert member(target, "target") == "40.00"           # the load did not undo the change
 
 
 def test_safety_limits_are_saved_and_the_command_line_wins_over_them(started, indi_config):
